@@ -1,0 +1,136 @@
+"""Self-describing checkpoints: atomic writes, safe loads, and model rebuilding.
+
+A checkpoint is a dict saved with ``torch.save`` and read with ``weights_only=True``, so loading a
+file from an untrusted source never runs pickled code. It holds the model's name and builder
+arguments next to its state dict (the nanoGPT pattern), the class names, colours and
+normalisation that inference needs, and, for training checkpoints, everything ``--resume`` needs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fcnseg.errors import CheckpointError
+from fcnseg.models import build_model
+
+FORMAT = "fcnseg-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "version", "model_name", "model_kwargs", "state_dict", "classes", "colors", "ignore_index", "mean", "std")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    classes: list[str],
+    colors: list[tuple[int, int, int]] | list[list[int]],
+    ignore_index: int = 255,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Builds the checkpoint dict of a model built by `fcnseg.build_model` (or a DDP wrapper of one).
+
+    Args:
+        model: the FCN; its ``model_name`` and ``model_kwargs`` attributes say how to rebuild it.
+        classes: class names, index = class id.
+        colors: one RGB triple per class.
+        ignore_index: the void label.
+        mean, std: input normalisation.
+        **extra: training state (``epoch``, ``iteration``, ``optimizer``, ``scheduler``, ``scaler``,
+            ``rng``, ``config``, ``metrics``...), stored as given.
+    """
+    model = getattr(model, "module", model)
+    if not hasattr(model, "model_name"):
+        raise ValueError("model has no model_name; build it with fcnseg.build_model or a builder like fcn_resnet18")
+    if len(classes) != len(colors):
+        raise ValueError(f"{len(classes)} class names but {len(colors)} colours")
+    kwargs = dict(model.model_kwargs)
+    kwargs["weights_backbone"] = None  # the state dict carries the weights
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model_name": model.model_name,
+        "model_kwargs": kwargs,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "classes": list(classes),
+        "colors": [list(map(int, c)) for c in colors],
+        "ignore_index": int(ignore_index),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        **extra,
+    }
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes atomically: a temporary file in the same folder, flushed to disk, then renamed.
+
+    A crash or kill mid-write leaves the previous file intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads and validates a checkpoint without running pickled code (``weights_only=True``).
+
+    Raises:
+        CheckpointError: missing, truncated, not a checkpoint, or one from another program.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle with code, random bytes...
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            "(truncated, corrupt, or holding objects other than tensors and plain data; it was not loaded)"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an fcnseg checkpoint (no format={FORMAT!r} marker); "
+            "to start from a backbone state dict use --weights-backbone instead"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it was not loaded")
+    if checkpoint["version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {checkpoint['version']}; this fcnseg reads up to {FORMAT_VERSION}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any] | str | os.PathLike) -> nn.Module:
+    """Rebuilds the model a checkpoint describes and loads its weights strictly (eval mode, CPU).
+
+    Raises:
+        CheckpointError: the state dict does not match the described model.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = load_checkpoint(checkpoint)
+    try:
+        model = build_model(checkpoint["model_name"], **checkpoint["model_kwargs"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint describes a model fcnseg cannot build: {err}") from None
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not match {checkpoint['model_name']}: {err}") from None
+    return model.eval()

@@ -1,0 +1,34 @@
+"""`fcnseg info`: the models fcnseg builds, their sizes, and a forward pass on this machine."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("info", help="list models and check a forward pass on this machine")
+    parser.add_argument("--size", default="320x480", help="input HxW for the forward check (default 320x480)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from fcnseg import __version__
+    from fcnseg.models import VARIANTS, build_model, list_models
+
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    print(f"fcnseg {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+    image = torch.randn(1, 3, h, w)
+    for name in list_models():
+        for variant in VARIANTS:
+            model = build_model(name, variant=variant, weights_backbone=None).eval()
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            with torch.inference_mode():
+                start = time.perf_counter()
+                logits = model(image)
+                elapsed = time.perf_counter() - start
+            print(f"  {name:18s} {variant:3s} {params:6.2f} M params  logits {tuple(logits.shape)}  {elapsed * 1000:7.1f} ms")
+    return 0

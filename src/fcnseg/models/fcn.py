@@ -1,0 +1,213 @@
+"""The Fully Convolutional Network (Long, Shelhamer, Darrell 2015) as in Dive into Deep Learning.
+
+FCN-32s: body -> 1x1 conv to class scores -> transposed conv (kernel 64, stride 32, padding 16,
+bilinear init). FCN-16s and FCN-8s add score maps of the stride-16 and stride-8 stages through 2x
+transposed convs (the paper's skip architecture); their score layers start at zero so a fresh
+16s/8s predicts what the 32s it extends predicts.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fcnseg.models.backbones import BACKBONES, WeightsArg, build_backbone
+from fcnseg.models.upsample import UPSAMPLER_CHOICES, TransposedConvUpsampler, UpsamplerInit
+
+Variant = Literal["32s", "16s", "8s"]
+VARIANTS: tuple[str, ...] = ("32s", "16s", "8s")
+OUTPUT_STRIDE = 32
+
+
+class FCN(nn.Module):
+    """FCN-32s/16s/8s on a `Backbone`; ``forward`` returns logits of the input's exact size.
+
+    Inputs of any size are padded (bottom and right, with zeros: the mean colour after ImageNet
+    normalisation) to a multiple of 32 so that every stage aligns exactly, and the logits are
+    cropped back. Build through `fcn_resnet18` and siblings or `build_model`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        variant: Variant = "32s",
+        upsampler: UpsamplerInit = "bilinear",
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        if upsampler not in UPSAMPLER_CHOICES:
+            raise ValueError(f"unknown upsampler {upsampler!r}; choose one of {', '.join(UPSAMPLER_CHOICES)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.variant = variant
+        c8, c16, c32 = backbone.channels
+        self.score32 = nn.Conv2d(c32, num_classes, kernel_size=1)
+        if variant == "32s":
+            self.upsample_final = TransposedConvUpsampler(num_classes, 32, upsampler)
+        else:
+            self.score16 = _zero_conv1x1(c16, num_classes)
+            self.upsample32to16 = TransposedConvUpsampler(num_classes, 2, upsampler)
+            if variant == "16s":
+                self.upsample_final = TransposedConvUpsampler(num_classes, 16, upsampler)
+            else:
+                self.score8 = _zero_conv1x1(c8, num_classes)
+                self.upsample16to8 = TransposedConvUpsampler(num_classes, 2, upsampler)
+                self.upsample_final = TransposedConvUpsampler(num_classes, 8, upsampler)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "FCN":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # frozen BatchNorm statistics too, not only frozen weights
+        return self
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Args: image ``(N, 3, H, W)`` normalised. Returns: logits ``(N, num_classes, H, W)``."""
+        h, w = image.shape[-2:]
+        padded = pad_to_multiple(image, OUTPUT_STRIDE)
+        c8, c16, c32 = self.backbone(padded)
+        return self.head(c8, c16, c32)[..., :h, :w]
+
+    def head(self, c8: torch.Tensor, c16: torch.Tensor, c32: torch.Tensor) -> torch.Tensor:
+        """Scores and upsamplers on body features (padded size); used alone with cached features."""
+        score = self.score32(c32)
+        if self.variant != "32s":
+            score = self.upsample32to16(score) + self.score16(c16)
+            if self.variant == "8s":
+                score = self.upsample16to8(score) + self.score8(c8)
+        return self.upsample_final(score)
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pads ``(N, C, H, W)`` at the bottom and right so H and W are multiples of ``multiple``."""
+    h, w = image.shape[-2:]
+    pad_h = (multiple - h % multiple) % multiple
+    pad_w = (multiple - w % multiple) % multiple
+    if isinstance(pad_h, int) and pad_h == 0 and pad_w == 0:
+        return image
+    return F.pad(image, (0, pad_w, 0, pad_h))
+
+
+def _zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _fcn(
+    backbone_name: str,
+    *,
+    variant: Variant,
+    num_classes: int,
+    weights_backbone: WeightsArg,
+    upsampler: UpsamplerInit,
+    freeze_backbone: bool,
+) -> FCN:
+    backbone = build_backbone(backbone_name, weights_backbone)
+    model = FCN(backbone, num_classes, variant=variant, upsampler=upsampler, freeze_backbone=freeze_backbone)
+    model.model_name = f"fcn_{backbone_name}"
+    model.model_kwargs = {
+        "variant": variant,
+        "num_classes": num_classes,
+        "upsampler": upsampler,
+        "freeze_backbone": freeze_backbone,
+    }
+    return model
+
+
+def fcn_resnet18(
+    *,
+    variant: Variant = "32s",
+    num_classes: int = 21,
+    weights_backbone: WeightsArg = "DEFAULT",
+    upsampler: UpsamplerInit = "bilinear",
+    freeze_backbone: bool = False,
+) -> FCN:
+    """FCN on ResNet-18: the chapter's model (with ``variant="32s"``).
+
+    Args:
+        variant: "32s", "16s" or "8s".
+        num_classes: classes including background (21 for VOC).
+        weights_backbone: "DEFAULT" for torchvision's ImageNet weights, a path to a local
+            state-dict file, or None for random initialisation.
+        upsampler: "bilinear" (learned, bilinear init), "xavier" or "fixed" (bilinear, frozen).
+        freeze_backbone: keep the body in eval mode without gradients.
+    """
+    return _fcn("resnet18", variant=variant, num_classes=num_classes, weights_backbone=weights_backbone,
+                upsampler=upsampler, freeze_backbone=freeze_backbone)
+
+
+def fcn_resnet34(
+    *,
+    variant: Variant = "32s",
+    num_classes: int = 21,
+    weights_backbone: WeightsArg = "DEFAULT",
+    upsampler: UpsamplerInit = "bilinear",
+    freeze_backbone: bool = False,
+) -> FCN:
+    """FCN on ResNet-34; arguments as in `fcn_resnet18`."""
+    return _fcn("resnet34", variant=variant, num_classes=num_classes, weights_backbone=weights_backbone,
+                upsampler=upsampler, freeze_backbone=freeze_backbone)
+
+
+def fcn_resnet50(
+    *,
+    variant: Variant = "32s",
+    num_classes: int = 21,
+    weights_backbone: WeightsArg = "DEFAULT",
+    upsampler: UpsamplerInit = "bilinear",
+    freeze_backbone: bool = False,
+) -> FCN:
+    """FCN on ResNet-50 (2048 channels at stride 32); arguments as in `fcn_resnet18`."""
+    return _fcn("resnet50", variant=variant, num_classes=num_classes, weights_backbone=weights_backbone,
+                upsampler=upsampler, freeze_backbone=freeze_backbone)
+
+
+def fcn_mobilenet_v2(
+    *,
+    variant: Variant = "32s",
+    num_classes: int = 21,
+    weights_backbone: WeightsArg = "DEFAULT",
+    upsampler: UpsamplerInit = "bilinear",
+    freeze_backbone: bool = False,
+) -> FCN:
+    """FCN on MobileNetV2 ``features`` (1280 channels at stride 32); arguments as in `fcn_resnet18`."""
+    return _fcn("mobilenet_v2", variant=variant, num_classes=num_classes, weights_backbone=weights_backbone,
+                upsampler=upsampler, freeze_backbone=freeze_backbone)
+
+
+MODEL_BUILDERS: dict[str, Callable[..., FCN]] = {
+    "fcn_resnet18": fcn_resnet18,
+    "fcn_resnet34": fcn_resnet34,
+    "fcn_resnet50": fcn_resnet50,
+    "fcn_mobilenet_v2": fcn_mobilenet_v2,
+}
+assert {name[len("fcn_"):] for name in MODEL_BUILDERS} == set(BACKBONES)
+
+
+def list_models() -> list[str]:
+    """Names accepted by `build_model`."""
+    return list(MODEL_BUILDERS)
+
+
+def build_model(name: str, **kwargs: Any) -> FCN:
+    """Builds a model by name (as stored in checkpoints and given to the CLI).
+
+    Args:
+        name: one of `list_models()`, e.g. "fcn_resnet18".
+        **kwargs: keyword arguments of that builder.
+    """
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_BUILDERS)}")
+    return MODEL_BUILDERS[name](**kwargs)

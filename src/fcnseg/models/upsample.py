@@ -1,0 +1,210 @@
+"""The FCN's transposed-convolution upsampler, bilinear kernel, and its fast exact computation.
+
+The chapter upsamples with ``nn.ConvTranspose2d(C, C, kernel_size=2s, stride=s, padding=s/2)``
+whose weight starts as bilinear interpolation. We keep exactly those parameters (same shape, same
+layout, same initialisation) but compute the layer differently: torch's CPU ConvTranspose2d is a
+GEMM followed by a scatter-add (col2im) over a 2s x 2s kernel, which costs a quarter of the FCN's
+time for 5% of its FLOPs.
+
+With kernel 2s and stride s, every output pixel receives exactly 2 x 2 input pixels. Grouping
+output pixels by their position inside an s x s cell gives an ordinary 2 x 2 convolution with
+``C_out * s * s`` output channels (one per sub-pixel position) followed by a pixel shuffle: the
+same multiply-adds as the transposed convolution, but accumulated inside one dense GEMM instead of
+a scatter. When the weight is the fixed bilinear kernel (upsampler="fixed"), the layer is plain
+per-channel separable interpolation and is computed as two small matrix products.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+UpsamplerInit = Literal["bilinear", "xavier", "fixed"]
+UPSAMPLER_CHOICES: tuple[str, ...] = ("bilinear", "xavier", "fixed")
+
+
+def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
+    """The chapter's bilinear-interpolation weight for a transposed convolution.
+
+    Channel ``i`` maps to channel ``i`` only, with the separable tent filter ``(1 - |x - c| / f)``;
+    channels beyond ``min(in_channels, out_channels)`` get zeros, as in the chapter.
+
+    Args:
+        in_channels: input channels of the transposed convolution.
+        out_channels: output channels.
+        kernel_size: side of the square kernel (``2 * stride`` for exact bilinear upsampling).
+
+    Returns:
+        float32 tensor of shape ``(in_channels, out_channels, kernel_size, kernel_size)``, the
+        layout of ``nn.ConvTranspose2d.weight``.
+    """
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    og = (torch.arange(kernel_size).reshape(-1, 1), torch.arange(kernel_size).reshape(1, -1))
+    filt = (1 - torch.abs(og[0] - center) / factor) * (1 - torch.abs(og[1] - center) / factor)
+    weight = torch.zeros((in_channels, out_channels, kernel_size, kernel_size))
+    n = min(in_channels, out_channels)
+    weight[range(n), range(n), :, :] = filt.float()
+    return weight
+
+
+def transposed_conv_as_conv_weight(weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """Rearranges a ConvTranspose2d weight (kernel 2s, stride s, padding s/2) for `subpixel_conv`.
+
+    In a frame shifted by s/2, output cell ``m`` (pixels ``m*s - s/2 .. m*s + s/2 - 1``) takes input
+    ``m`` through kernel rows ``0..s-1`` and input ``m-1`` through rows ``s..2s-1``: a 2x2
+    convolution (padding 1) whose taps are the two halves of the kernel, flipped.
+
+    Args:
+        weight: ``(C_in, C_out, 2s, 2s)``.
+        stride: s, even.
+
+    Returns:
+        ``(C_out * s * s, C_in * 4)`` matrix, rows ordered (o, r_y, r_x), columns (i, t_y, t_x) as
+        ``F.unfold`` orders them. Differentiable with respect to ``weight``.
+    """
+    c_in, c_out = weight.shape[:2]
+    s = stride
+    shaped = weight.reshape(c_in, c_out, 2, s, 2, s).flip(2, 4)  # (i, o, t_y, r_y, t_x, r_x)
+    return shaped.permute(1, 3, 5, 0, 2, 4).reshape(c_out * s * s, c_in * 4)
+
+
+def subpixel_conv(x: torch.Tensor, matrix: torch.Tensor, stride: int) -> torch.Tensor:
+    """Computes ConvTranspose2d(kernel 2s, stride s, padding s/2) from its rearranged weight.
+
+    Args:
+        x: ``(N, C_in, H, W)``.
+        matrix: output of `transposed_conv_as_conv_weight`.
+        stride: s.
+
+    Returns:
+        ``(N, C_out, H*s, W*s)`` (a view into a slightly larger canvas), equal to
+        ``F.conv_transpose2d`` up to float rounding.
+    """
+    n, _, h, w = x.shape
+    s, half = stride, stride // 2
+    c_out = matrix.shape[0] // (s * s)
+    # unfold + matmul rather than conv2d: oneDNN handles this shape (tens of thousands of output
+    # channels on a tiny map) at a third of GEMM speed.
+    columns = F.unfold(x, 2, padding=1)  # (N, C_in*4, (H+1)*(W+1))
+    cells = torch.matmul(matrix, columns)  # (N, C_out*s*s, (H+1)*(W+1))
+    canvas = cells.view(n, c_out, s, s, h + 1, w + 1).permute(0, 1, 4, 2, 5, 3)
+    canvas = canvas.reshape(n, c_out, (h + 1) * s, (w + 1) * s)
+    return canvas[..., half : half + h * s, half : half + w * s]
+
+
+def _interpolation_matrix(size: int, stride: int, kernel_1d: torch.Tensor) -> torch.Tensor:
+    """1-D matrix ``A`` with ``A @ v`` equal to a 1-D transposed conv (kernel 2s, stride s, pad s/2)."""
+    k = kernel_1d.numel()
+    pad = stride // 2
+    a = torch.zeros(size * stride, size, dtype=kernel_1d.dtype)
+    for p in range(size):
+        for kk in range(k):
+            y = p * stride - pad + kk
+            if 0 <= y < size * stride:
+                a[y, p] += kernel_1d[kk]
+    return a
+
+
+class TransposedConvUpsampler(nn.Module):
+    """``nn.ConvTranspose2d(C, C, 2s, stride=s, padding=s/2, bias=False)``, computed fast.
+
+    Holds a ``weight`` parameter with the exact shape and meaning of ``nn.ConvTranspose2d.weight``
+    (so state dicts and the chapter's initialisation carry over) and computes it with
+    `subpixel_conv`, or with separable interpolation matrices when the weight is frozen bilinear.
+
+    Args:
+        channels: input and output channels (the number of classes).
+        stride: upsampling factor s (even).
+        init: "bilinear" (learned, bilinear start: the chapter), "xavier" (learned, random start:
+            the chapter's exercise 1) or "fixed" (bilinear, not learned: the paper's ablation).
+    """
+
+    def __init__(self, channels: int, stride: int, init: UpsamplerInit = "bilinear") -> None:
+        super().__init__()
+        if stride < 2 or stride % 2:
+            raise ValueError(f"stride must be an even number >= 2, got {stride}")
+        if init not in UPSAMPLER_CHOICES:
+            raise ValueError(f"unknown upsampler {init!r}; choose one of {', '.join(UPSAMPLER_CHOICES)}")
+        self.channels = channels
+        self.stride = stride
+        self.kernel_size = 2 * stride
+        self.padding = stride // 2
+        self.init = init
+        weight = bilinear_kernel(channels, channels, self.kernel_size)
+        if init == "xavier":
+            nn.init.xavier_uniform_(weight)
+        self.weight = nn.Parameter(weight, requires_grad=init != "fixed")
+        self._separable_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def learnable(self) -> bool:
+        return self.init != "fixed"
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, {self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, init={self.init}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.learnable and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            with torch.autocast(x.device.type, enabled=False):
+                return self._separable(x)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # Exporters know ConvTranspose natively; the fast path is a CPU-eager optimisation.
+            return F.conv_transpose2d(x, self.weight.to(x.dtype), stride=self.stride, padding=self.padding)
+        # Kept in float32 under autocast: this GEMM shape is several times slower in bf16 on
+        # CPU, and the logits feed the loss anyway.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            return subpixel_conv(x, transposed_conv_as_conv_weight(self.weight.float(), self.stride), self.stride)
+
+    def _separable(self, x: torch.Tensor) -> torch.Tensor:
+        # A frozen bilinear weight is diagonal over channels and separable in y and x, so the
+        # layer is out = A_h @ x @ A_w^T per channel: two small matmuls instead of a convolution.
+        x = x.float()
+        h, w = x.shape[-2:]
+        key = (h, w, x.device, x.dtype)
+        if self._separable_cache is None or self._separable_cache[0] != key:
+            kernel_1d = self._kernel_1d()
+            a_h = _interpolation_matrix(h, self.stride, kernel_1d).to(x.device, x.dtype)
+            a_w = _interpolation_matrix(w, self.stride, kernel_1d).to(x.device, x.dtype)
+            self._separable_cache = (key, a_h, a_w.t().contiguous())
+        _, a_h, a_w_t = self._separable_cache
+        return torch.matmul(a_h, torch.matmul(x.contiguous(), a_w_t))
+
+    def _kernel_1d(self) -> torch.Tensor:
+        k = self.kernel_size
+        factor = (k + 1) // 2
+        center = factor - 0.5
+        return (1 - torch.abs(torch.arange(k, dtype=torch.float64) - center) / factor).float()
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+        self._separable_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.learnable and not torch.allclose(
+            self.weight.detach().cpu(), bilinear_kernel(self.channels, self.channels, self.kernel_size), atol=1e-6
+        ):
+            raise ValueError("a 'fixed' upsampler was given weights that are not the bilinear kernel")
+
+
+def reference_transposed_conv(channels: int, stride: int) -> nn.ConvTranspose2d:
+    """The chapter's layer as torch defines it, for tests and benchmarks."""
+    return nn.ConvTranspose2d(channels, channels, kernel_size=2 * stride, stride=stride, padding=stride // 2, bias=False)
+
+
+def upsample_flops(channels: int, height: int, width: int, stride: int) -> float:
+    """Multiply-add FLOPs (x2) of one transposed-conv upsampling of an ``height x width`` map."""
+    return 2.0 * channels * channels * 4 * height * width * stride * stride
+
+
+__all__ = [
+    "bilinear_kernel",
+    "TransposedConvUpsampler",
+    "transposed_conv_as_conv_weight",
+    "subpixel_conv",
+    "reference_transposed_conv",
+    "upsample_flops",
+    "UPSAMPLER_CHOICES",
+]
+
