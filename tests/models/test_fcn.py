@@ -1,0 +1,125 @@
+"""The FCN family: shapes for any input size, the skip architecture's start, freezing, backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fcnseg import build_model, fcn_mobilenet_v2, fcn_resnet18, list_models
+from fcnseg.models import VARIANTS
+from fcnseg.models.upsample import TransposedConvUpsampler
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("size", [(320, 480), (375, 500), (67, 93), (1, 1), (33, 100)])
+def test_output_has_exactly_the_input_size(variant, size):
+    model = fcn_resnet18(variant=variant, num_classes=3, weights_backbone=None).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2 if size == (67, 93) else 1, 3, *size))
+    assert logits.shape == (2 if size == (67, 93) else 1, 3, *size)
+
+
+@pytest.mark.parametrize("name", ["fcn_resnet34", "fcn_resnet50", "fcn_mobilenet_v2"])
+def test_siblings_build_and_run(name):
+    model = build_model(name, variant="8s", num_classes=4, weights_backbone=None).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 4, 64, 96)
+
+
+def test_chapter_fcn32s_structure():
+    model = fcn_resnet18(num_classes=21, weights_backbone=None)
+    assert model.score32.in_channels == 512 and model.score32.out_channels == 21
+    assert model.score32.kernel_size == (1, 1)
+    up = model.upsample_final
+    assert isinstance(up, TransposedConvUpsampler)
+    assert (up.kernel_size, up.stride, up.padding) == (64, 32, 16)
+    assert up.weight.shape == (21, 21, 64, 64)
+    # the body ends at layer4: 512 channels at stride 32, no avgpool/fc
+    c8, c16, c32 = model.backbone(torch.randn(1, 3, 320, 480))
+    assert c32.shape == (1, 512, 10, 15) and c16.shape == (1, 256, 20, 30) and c8.shape == (1, 128, 40, 60)
+    assert not any("fc" in k or "avgpool" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("variant", ["16s", "8s"])
+def test_fresh_skip_net_starts_from_the_32s_prediction(variant):
+    torch.manual_seed(0)
+    net32 = fcn_resnet18(variant="32s", num_classes=5, weights_backbone=None).eval()
+    net = fcn_resnet18(variant=variant, num_classes=5, weights_backbone=None).eval()
+    net.backbone.load_state_dict(net32.backbone.state_dict())
+    net.score32.load_state_dict(net32.score32.state_dict())
+    image = torch.randn(1, 3, 256, 320)
+    with torch.no_grad():
+        coarse, fine = net32(image), net(image)
+    # Zero-initialised skip scores contribute nothing: the fresh net is exactly the chained
+    # bilinear upsampling of the 32s scores.
+    with torch.no_grad():
+        score = net32.score32(net32.backbone(image)[2])
+        chained = net.upsample32to16(score)
+        if variant == "8s":
+            chained = net.upsample16to8(chained)
+        chained = net.upsample_final(chained)
+    torch.testing.assert_close(fine, chained, rtol=1e-4, atol=1e-3)
+    # Chained bilinear upsamplers (2x then 16x, or 2x, 2x, 8x) sample the coarse map on shifted
+    # grids, so they smooth more than one 32x step: on the white-noise-like scores of a random
+    # body that is about 25% relative RMS (less on the smooth scores of a trained one), with a
+    # correlation above 0.95. Borders differ more (zero padding at each stage): compare inside.
+    inner = (..., slice(32, -32), slice(32, -32))
+    rel_rms = (fine[inner] - coarse[inner]).pow(2).mean().sqrt() / coarse[inner].pow(2).mean().sqrt()
+    assert rel_rms < 0.35, rel_rms
+    corr = torch.corrcoef(torch.stack([fine[inner].flatten(), coarse[inner].flatten()]))[0, 1]
+    assert corr > 0.95, corr
+    # and the skip layers really are zero at the start
+    assert torch.count_nonzero(net.score16.weight) == 0
+
+
+def test_skip_layers_change_the_output_once_trained():
+    net = fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None).eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = net(image)
+        net.score8.weight.normal_()
+        after = net(image)
+    assert not torch.allclose(before, after)
+
+
+def test_backward_and_frozen_backbone_keeps_body_unchanged():
+    model = fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None, freeze_backbone=True)
+    model.train()
+    assert not model.backbone.training  # frozen BatchNorm statistics
+    body_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.score32.weight.clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 3, (2, 64, 64)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, body_before[key], msg=key)
+    assert not torch.equal(model.score32.weight, head_before)
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_full_fine_tuning_moves_the_body():
+    model = fcn_resnet18(variant="32s", num_classes=3, weights_backbone=None).train()
+    before = model.backbone.stage8[0].weight.clone()
+    loss = model(torch.randn(2, 3, 64, 64)).logsumexp(1).mean()
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(model.backbone.stage8[0].weight, before)
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="fcn_resnet18"):
+        build_model("fcn_vgg16")
+    with pytest.raises(ValueError, match="variant"):
+        fcn_resnet18(variant="4s", weights_backbone=None)
+    with pytest.raises(ValueError, match="upsampler"):
+        fcn_resnet18(upsampler="nearest", weights_backbone=None)
+    assert list_models() == ["fcn_resnet18", "fcn_resnet34", "fcn_resnet50", "fcn_mobilenet_v2"]
+
+
+def test_mobilenet_taps_have_the_documented_channels():
+    model = fcn_mobilenet_v2(variant="8s", num_classes=2, weights_backbone=None)
+    c8, c16, c32 = model.backbone(torch.randn(1, 3, 64, 96))
+    assert (c8.shape[1], c16.shape[1], c32.shape[1]) == model.backbone.channels == (32, 96, 1280)
+    assert c8.shape[-2:] == (8, 12) and c16.shape[-2:] == (4, 6) and c32.shape[-2:] == (2, 3)

@@ -1,0 +1,83 @@
+"""The upsampler: bilinear kernel against interpolate, fast path against nn.ConvTranspose2d."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fcnseg.models.upsample import (
+    TransposedConvUpsampler,
+    bilinear_kernel,
+    reference_transposed_conv,
+)
+
+
+@pytest.mark.parametrize("stride", [2, 32])
+def test_bilinear_transposed_conv_matches_interpolate_away_from_borders(stride):
+    x = torch.rand(1, 3, 12, 9)
+    conv = reference_transposed_conv(3, stride)
+    conv.weight.data.copy_(bilinear_kernel(3, 3, 2 * stride))
+    with torch.no_grad():
+        ours = conv(x)
+        expected = F.interpolate(x, scale_factor=stride, mode="bilinear", align_corners=False)
+    assert ours.shape == expected.shape == (1, 3, 12 * stride, 9 * stride)
+    # The transposed conv zero-pads; interpolate clamps: they differ only within half a cell of
+    # the border.
+    m = stride
+    inner = (..., slice(m, -m), slice(m, -m))
+    torch.testing.assert_close(ours[inner], expected[inner], rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, expected, atol=1e-3), "borders should differ (zero padding)"
+
+
+def test_bilinear_kernel_is_diagonal_over_channels_and_chapter_shaped():
+    w = bilinear_kernel(3, 4, 4)
+    assert w.shape == (3, 4, 4, 4)
+    assert torch.count_nonzero(w[0, 1]) == 0 and torch.count_nonzero(w[:, 3]) == 0
+    row = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    torch.testing.assert_close(w[1, 1], torch.outer(row, row))
+
+
+@pytest.mark.parametrize("stride", [2, 8, 16, 32])
+@pytest.mark.parametrize("init", ["bilinear", "xavier", "fixed"])
+def test_fast_upsampler_equals_conv_transpose2d(stride, init):
+    up = TransposedConvUpsampler(5, stride, init)
+    if init != "fixed":
+        up.weight.data.add_(0.05 * torch.randn_like(up.weight))  # a trained, dense weight
+    ref = reference_transposed_conv(5, stride)
+    ref.weight.data.copy_(up.weight.data)
+    x = torch.randn(2, 5, 7, 4, requires_grad=True)
+    out, expected = up(x), ref(x)
+    assert out.shape == expected.shape == (2, 5, 7 * stride, 4 * stride)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(expected)
+    (gx,) = torch.autograd.grad(out, x, grad_out)
+    (gx_ref,) = torch.autograd.grad(expected, x, grad_out)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-4)
+    if init != "fixed":
+        (gw,) = torch.autograd.grad(up(x), up.weight, grad_out)
+        (gw_ref,) = torch.autograd.grad(ref(x), ref.weight, grad_out)
+        torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_fast_upsampler_under_bf16_autocast_stays_close_and_float32():
+    up = TransposedConvUpsampler(3, 32)
+    x = torch.randn(1, 3, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = up(x.bfloat16())
+    assert out.dtype == torch.float32
+    expected = F.conv_transpose2d(x.bfloat16().float(), up.weight, stride=32, padding=16)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_upsampler_is_not_learned_and_refuses_other_weights():
+    up = TransposedConvUpsampler(3, 2, "fixed")
+    assert not up.weight.requires_grad
+    state = {"weight": torch.randn_like(up.weight)}
+    with pytest.raises(ValueError, match="bilinear"):
+        up.load_state_dict(state)
+
+
+def test_xavier_init_is_not_bilinear():
+    up = TransposedConvUpsampler(4, 2, "xavier")
+    assert not torch.allclose(up.weight, bilinear_kernel(4, 4, 4))
+    assert up.weight.requires_grad
