@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from fcnseg.errors import CheckpointError
+from fcnseg.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 from fcnseg.models import build_model
 
 FORMAT = "fcnseg-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "version", "model_name", "model_kwargs", "state_dict", "classes", "colors", "ignore_index", "mean", "std")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def make_checkpoint(

@@ -7,7 +7,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from fcnseg.data.io import IGNORE_INDEX, check_same_size, read_image, read_mask
+from fcnseg.data.io import IGNORE_INDEX, check_same_size, image_size, read_image, read_mask
+from fcnseg.errors import DataError
 
 PairTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -79,3 +80,36 @@ class SegmentationDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} pairs, {self.num_classes} classes)"
+
+
+def filter_small_images(
+    image_paths: Sequence[Path], mask_paths: Sequence[Path], min_size: tuple[int, int], source: object,
+) -> tuple[list[Path], list[Path], list[str]]:
+    """Leaves out pairs whose image is smaller than ``min_size`` (height, width) in either side.
+
+    This is the d2l chapter's filter for random crops without padding. It reads each image's
+    header (not its pixels) once.
+
+    Args:
+        image_paths, mask_paths: the pairs.
+        min_size: (height, width).
+        source: what the pairs came from, for the error message.
+
+    Returns:
+        kept image paths, kept mask paths, and the stems of the dropped images.
+
+    Raises:
+        DataError: every image is too small.
+    """
+    min_h, min_w = min_size
+    kept_images, kept_masks, dropped = [], [], []
+    for image_path, mask_path in zip(image_paths, mask_paths):
+        h, w = image_size(image_path)
+        if h >= min_h and w >= min_w:
+            kept_images.append(Path(image_path))
+            kept_masks.append(Path(mask_path))
+        else:
+            dropped.append(Path(image_path).stem)
+    if not kept_images:
+        raise DataError(f"all {len(dropped)} images of {source} are smaller than {min_h}x{min_w}; nothing left")
+    return kept_images, kept_masks, dropped

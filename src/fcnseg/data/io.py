@@ -87,14 +87,14 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         raise DataError(f"{path}: floating-point image (mode F) is not supported; save it as 8- or 16-bit")
     elif mode in ("P", "PA"):
         # Go through RGBA so palettes with transparency convert without Pillow's warning.
-        array = np.asarray(image.convert("RGBA"))[..., :3]
+        array = np.array(image.convert("RGBA"))[..., :3]
     elif mode in ("L", "LA", "1"):
         gray = np.asarray(image.convert("L"))
         array = np.repeat(gray[..., None], 3, axis=2)
     elif mode == "RGB":
-        array = np.asarray(image)
+        array = np.array(image)  # a copy: torch warns about (and must not share) Pillow's read-only buffer
     else:  # RGBA, RGBX, CMYK, YCbCr, LAB, HSV...: Pillow's own conversion (alpha is dropped, not blended)
-        array = np.asarray(image.convert("RGB"))
+        array = np.array(image.convert("RGB"))
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
 
 

@@ -1,0 +1,125 @@
+"""`fcnseg predict`: outputs per image, bad inputs reported and skipped, exit status."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fcnseg import fcn_resnet18
+from fcnseg.checkpoint import make_checkpoint, save_checkpoint
+from fcnseg.cli import main
+from fcnseg.inference import Segmenter
+
+CLASSES = ["background", "thing", "stuff"]
+COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small forward passes are dominated by OpenMP hand-offs, which stall when the CPU is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None)
+    return save_checkpoint(make_checkpoint(model, classes=CLASSES, colors=COLORS),
+                           tmp_path_factory.mktemp("ck") / "fcn8s.pt")
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(folder / "street.jpg")
+    Image.fromarray(rng.integers(0, 256, (67, 93), dtype=np.uint8)).save(folder / "gray.png")  # mode L
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    (folder / "notes.txt").write_text("not an image, and not an image extension: ignored")
+    return folder
+
+
+def _run(*argv: str) -> int:
+    return main(["predict", *map(str, argv), "--no-progress"])
+
+
+def test_folder_with_a_corrupt_file(checkpoint, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = _run(checkpoint, photos, "--out", out)
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "2 ok, 1 failed" in captured.out
+    assert "broken.jpg" in captured.out and "broken.jpg" in captured.err  # in the summary and when it happened
+    assert sorted(p.name for p in out.iterdir()) == ["gray.png", "gray_overlay.png", "street.png", "street_overlay.png"]
+
+    segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
+    for stem, ext in (("street", ".jpg"), ("gray", ".png")):
+        with Image.open(out / f"{stem}.png") as mask:
+            assert mask.mode == "P"
+            np.testing.assert_array_equal(np.asarray(mask), segmenter.predict(photos / f"{stem}{ext}"))
+            assert np.asarray(mask.getpalette()[:9]).reshape(3, 3).tolist() == [list(c) for c in COLORS]
+        with Image.open(out / f"{stem}_overlay.png") as overlay_png:
+            assert overlay_png.mode == "RGB" and overlay_png.size == Image.open(photos / f"{stem}{ext}").size
+
+
+def test_all_good_inputs_exit_zero_with_grids_and_ground_truth(checkpoint, photos, tmp_path, capsys):
+    (photos / "broken.jpg").unlink()
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.zeros((64, 96), np.uint8), mode="L").save(masks / "street.png")
+    out = tmp_path / "out"
+    assert _run(checkpoint, photos / "street.jpg", photos / "gray.png", "--out", out, "--grid", "--masks", masks) == 0
+    assert "2 ok, 0 failed" in capsys.readouterr().out
+    for stem in ("street", "gray"):
+        with Image.open(out / f"{stem}_grid.png") as grid:
+            assert grid.size[0] > 300
+    # with ground truth the figure has a third column
+    assert Image.open(out / "street_grid.png").size[0] > Image.open(out / "gray_grid.png").size[0]
+
+
+def test_missing_paths_and_empty_globs_are_failures(checkpoint, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = _run(checkpoint, photos / "street.jpg", tmp_path / "nowhere.jpg", tmp_path / "*.none", "--out", out)
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "1 ok, 2 failed" in captured.out and "nowhere.jpg" in captured.out and "*.none" in captured.out
+    assert (out / "street.png").is_file()
+
+
+def test_glob_sliding_flip(checkpoint, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = _run(checkpoint, photos / "*.png", "--out", out, "--mode", "sliding", "--window", "32x48",
+                  "--stride", "20x30", "--flip")
+    assert status == 0, capsys.readouterr()
+    with Image.open(out / "gray.png") as mask:
+        assert mask.size == (93, 67)
+    expected = Segmenter.from_checkpoint(checkpoint, device="cpu", mode="sliding", window=(32, 48), stride=(20, 30),
+                                         flip=True).predict(photos / "gray.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "gray.png")), expected)
+
+
+def test_repeated_stems_get_distinct_outputs(checkpoint, photos, tmp_path, capsys):
+    Image.open(photos / "gray.png").convert("RGB").save(photos / "gray.jpg")
+    out = tmp_path / "out"
+    assert _run(checkpoint, photos / "gray.png", photos / "gray.jpg", "--out", out) == 0
+    assert {"gray.png", "gray-2.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_refuses_to_overwrite_inputs(checkpoint, photos, capsys):
+    status = _run(checkpoint, photos / "gray.png", "--out", photos)
+    assert status == 2
+    assert "overwrite" in capsys.readouterr().err
+
+
+def test_bad_checkpoint_is_a_clean_error(photos, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    assert _run(bad, photos, "--out", tmp_path / "out") == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err

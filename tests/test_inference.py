@@ -1,0 +1,291 @@
+"""Window grid and merge, whole and sliding prediction, and `Segmenter` on every kind of input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from torch import nn
+
+from fcnseg import FCN, fcn_resnet18
+from fcnseg.checkpoint import make_checkpoint, save_checkpoint
+from fcnseg.inference import (
+    Segmenter,
+    count_map,
+    default_stride,
+    merge_windows,
+    predict_sliding,
+    predict_whole,
+    window_grid,
+)
+
+CLASSES = ["background", "thing", "stuff"]
+COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
+
+
+class TinyBackbone(nn.Module):
+    """Five strided convolutions with taps at strides 8, 16 and 32: the FCN at a fraction of the cost."""
+
+    channels = (8, 16, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv(i: int, o: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(i, o, 3, stride=2, padding=1), nn.ReLU())
+
+        self.stage8 = nn.Sequential(conv(3, 8), conv(8, 8), conv(8, 8))
+        self.stage16 = conv(8, 16)
+        self.stage32 = conv(16, 32)
+
+    def forward(self, x):
+        c8 = self.stage8(x)
+        c16 = self.stage16(c8)
+        return c8, c16, self.stage32(c16)
+
+
+def tiny_fcn(variant: str = "8s", seed: int = 0) -> FCN:
+    torch.manual_seed(seed)
+    model = FCN(TinyBackbone(), 3, variant=variant)
+    for name, param in model.named_parameters():
+        if name.startswith("score"):  # skip scores start at zero; make them count
+            nn.init.normal_(param, std=0.5)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny forward passes are dominated by OpenMP hand-offs, which stall when the CPU is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_fcn("8s")
+
+
+@pytest.fixture(scope="module")
+def resnet_model():
+    torch.manual_seed(0)
+    return fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None).eval()
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    # Smooth gradients plus noise: a random-weight FCN then predicts more than one class.
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([yy * 255 / max(height - 1, 1), xx * 255 / max(width - 1, 1), (yy + xx) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+# --- window_grid -------------------------------------------------------------------------------
+
+
+def test_window_grid_by_hand():
+    # 67 rows, windows of 32 every 20: 0, 20, then 40 would end past 67, so the last one moves to 35.
+    assert window_grid(67, 93, (32, 48), (20, 30)) == [(y, x) for y in (0, 20, 35) for x in (0, 30, 45)]
+    assert window_grid(64, 96, (64, 96), (10, 10)) == [(0, 0)]
+    assert window_grid(70, 96, (64, 96), (64, 96)) == [(0, 0), (6, 0)]
+
+
+def test_window_grid_image_smaller_than_window_gives_one_window():
+    assert window_grid(10, 20, (320, 480), (213, 320)) == [(0, 0)]
+    assert window_grid(1, 1, (320, 480), (213, 320)) == [(0, 0)]
+    # smaller along one side only
+    assert window_grid(10, 1000, (320, 480), (213, 320)) == [(0, 0), (0, 320), (0, 520)]
+
+
+def test_window_grid_rejects_gaps_and_bad_sizes():
+    with pytest.raises(ValueError, match="skipped"):
+        window_grid(100, 100, (10, 10), (11, 10))
+    with pytest.raises(ValueError):
+        window_grid(0, 100, (10, 10), (5, 5))
+    with pytest.raises(ValueError):
+        window_grid(100, 100, (10, 10), (0, 5))
+
+
+def test_default_stride_is_two_thirds_rounded_up():
+    assert default_stride((320, 480)) == (214, 320)
+    assert default_stride((1, 1)) == (1, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    height=st.integers(1, 120),
+    width=st.integers(1, 120),
+    window=st.tuples(st.integers(1, 50), st.integers(1, 50)),
+    data=st.data(),
+)
+def test_window_grid_covers_every_pixel_inside_the_image(height, width, window, data):
+    stride = (data.draw(st.integers(1, window[0])), data.draw(st.integers(1, window[1])))
+    corners = window_grid(height, width, window, stride)
+    h, w = min(window[0], height), min(window[1], width)
+    covered = np.zeros((height, width), dtype=int)
+    for y, x in corners:
+        assert 0 <= y and y + h <= height and 0 <= x and x + w <= width  # never hangs over the edge
+        covered[y : y + h, x : x + w] += 1
+    assert covered.min() >= 1
+    assert len(set(corners)) == len(corners)
+    assert corners[0] == (0, 0)
+    assert max(y for y, _ in corners) + h == height and max(x for _, x in corners) + w == width
+
+
+# --- merge_windows -----------------------------------------------------------------------------
+
+
+def test_merge_windows_averages_overlaps_like_a_hand_built_count_map():
+    gen = torch.Generator().manual_seed(0)
+    height, width, window = 7, 9, (4, 5)
+    corners = window_grid(height, width, window, (2, 3))
+    logits = [torch.randn(2, 3, *window, generator=gen) for _ in corners]
+    merged = merge_windows(logits, corners, height, width)
+
+    expected = np.zeros((2, 3, height, width))
+    for n in range(2):
+        for c in range(3):
+            for py in range(height):
+                for px in range(width):
+                    values = [logits[k][n, c, py - y, px - x].item() for k, (y, x) in enumerate(corners)
+                              if y <= py < y + window[0] and x <= px < x + window[1]]
+                    expected[n, c, py, px] = sum(values) / len(values)
+    np.testing.assert_allclose(merged.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+    counts = np.zeros((height, width))
+    for y, x in corners:
+        counts[y : y + window[0], x : x + window[1]] += 1
+    np.testing.assert_array_equal(count_map(corners, window, height, width).numpy(), counts)
+
+
+def test_merge_windows_unbatched_and_constant_windows():
+    corners = [(0, 0), (0, 2), (1, 0), (1, 2)]
+    logits = [torch.full((2, 3, 4), float(v)) for v in (1, 2, 4, 8)]
+    merged = merge_windows(logits, corners, 4, 6)
+    assert merged.shape == (2, 4, 6)
+    assert merged[0, 0, 0].item() == 1.0  # window 0 only
+    assert merged[0, 0, 2].item() == 1.5  # windows 0 and 1
+    assert merged[1, 1, 2].item() == 15 / 4  # all four
+    assert merged[0, 3, 0].item() == 4.0 and merged[0, 3, 5].item() == 8.0  # bottom corners: one window each
+    with pytest.raises(ValueError, match="uncovered"):
+        merge_windows(logits[:1], corners[:1], 4, 6)
+
+
+# --- predict_whole / predict_sliding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [(67, 93), (100, 200)])
+def test_sliding_equals_whole_when_one_window_covers_the_image(resnet_model, window):
+    image = torch.randn(2, 3, 67, 93)
+    whole = predict_whole(resnet_model, image)
+    sliding = predict_sliding(resnet_model, image, window=window)
+    torch.testing.assert_close(sliding, whole, rtol=0, atol=0)
+
+
+def test_sliding_equals_merge_of_windows_run_one_by_one(model):
+    image = torch.randn(2, 3, 70, 100)
+    window, stride = (40, 64), (25, 40)
+    sliding = predict_sliding(model, image, window=window, stride=stride, batch_size=3)
+    corners = window_grid(70, 100, window, stride)
+    with torch.no_grad():
+        per_window = [model(image[:, :, y : y + 40, x : x + 64]) for y, x in corners]
+    torch.testing.assert_close(sliding, merge_windows(per_window, corners, 70, 100), rtol=1e-5, atol=1e-5)
+
+
+def test_flip_averages_with_the_mirrored_prediction(model):
+    image = torch.randn(1, 3, 45, 70)
+    with torch.no_grad():
+        expected = (model(image) + model(image.flip(-1)).flip(-1)) / 2
+    torch.testing.assert_close(predict_whole(model, image, flip=True), expected, rtol=1e-5, atol=1e-5)
+    sliding = predict_sliding(model, image, window=(64, 96), flip=True)
+    torch.testing.assert_close(sliding, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_dtype_returns_float32_logits(model):
+    image = torch.randn(1, 3, 32, 40)
+    logits = predict_whole(model, image, dtype=torch.bfloat16)
+    assert logits.dtype == torch.float32 and logits.shape == (1, 3, 32, 40)
+    torch.testing.assert_close(logits, predict_whole(model, image), rtol=0.1, atol=0.5)
+
+
+# --- Segmenter -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter(model):
+    return Segmenter(model, CLASSES, COLORS, device="cpu")
+
+
+@pytest.mark.parametrize("size", [(375, 500), (1, 1), (33, 1000), (67, 93), (64, 96)])
+@pytest.mark.parametrize("mode", ["whole", "sliding"])
+def test_output_has_the_input_size(model, size, mode):
+    segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", mode=mode, window=(160, 240))
+    image = np.zeros((*size, 3), dtype=np.uint8)
+    label = segmenter.predict(image)
+    assert label.shape == size and label.dtype == np.int64
+    assert segmenter.predict_proba(image).shape == (3, *size)
+
+
+def test_every_input_kind_gives_the_same_result(segmenter, tmp_path):
+    photo = _photo(67, 93)
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo).save(path)
+    reference = segmenter.predict_proba(photo)
+    tensor = torch.from_numpy(photo).permute(2, 0, 1)
+    inputs = {
+        "path": path, "str": str(path), "pil": Image.fromarray(photo), "uint8 tensor": tensor,
+        "float tensor": tensor.float() / 255, "float array": photo.astype(np.float32) / 255,
+        "rgba array": np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)]),
+    }
+    for name, value in inputs.items():
+        np.testing.assert_allclose(segmenter.predict_proba(value), reference, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(segmenter.predict(value), reference.argmax(0), err_msg=name)
+    assert reference.std(axis=(1, 2)).min() > 1e-3  # the comparison is not between constant maps
+
+
+def test_grayscale_input_equals_its_rgb_replication(segmenter):
+    gray = _photo(40, 50)[..., 0]
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    expected = segmenter.predict_proba(rgb)
+    np.testing.assert_allclose(segmenter.predict_proba(Image.fromarray(gray, mode="L")), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(segmenter.predict_proba(gray), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lists_batch_equal_sizes_and_keep_order(segmenter):
+    images = [_photo(64, 96, 0), _photo(67, 93, 1), _photo(64, 96, 2), _photo(20, 30, 3)]
+    labels = segmenter.predict(images)
+    probas = segmenter.predict_proba(images)
+    assert isinstance(labels, list) and len(labels) == 4
+    for image, label, proba in zip(images, labels, probas):
+        np.testing.assert_allclose(proba, segmenter.predict_proba(image), rtol=1e-4, atol=1e-5)
+        assert label.shape == image.shape[:2]
+        np.testing.assert_array_equal(label, proba.argmax(0))
+    assert probas[0].dtype == np.float32
+    np.testing.assert_allclose(probas[1].sum(0), 1.0, rtol=1e-5)
+
+
+def test_from_checkpoint_uses_its_metadata(resnet_model, tmp_path):
+    checkpoint = make_checkpoint(resnet_model, classes=CLASSES, colors=COLORS, mean=(0.5, 0.5, 0.5),
+                                 std=(0.25, 0.5, 1.0))
+    path = save_checkpoint(checkpoint, tmp_path / "ck.pt")
+    segmenter = Segmenter.from_checkpoint(path, device="cpu", mode="sliding", window=(32, 48), flip=True)
+    assert segmenter.classes == CLASSES and segmenter.colors == COLORS
+    settings = (segmenter.mode, segmenter.window, segmenter.flip, segmenter.device.type)
+    assert settings == ("sliding", (32, 48), True, "cpu")
+    gray = np.full((8, 8, 3), 255, dtype=np.uint8)
+    x = segmenter.preprocess(gray)
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+    assert segmenter.predict(_photo(40, 60)).shape == (40, 60)
+
+
+def test_segmenter_validates_arguments(model):
+    with pytest.raises(ValueError, match="mode"):
+        Segmenter(model, CLASSES, COLORS, mode="tiles")
+    with pytest.raises(ValueError, match="colours"):
+        Segmenter(model, CLASSES, COLORS[:2])
+    with pytest.raises(ValueError, match="shape"):
+        Segmenter(model, CLASSES, COLORS, device="cpu").predict(torch.zeros(2, 3, 8, 8))
