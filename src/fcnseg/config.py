@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fcnseg.errors import FcnsegError
+from fcnseg.errors import FcnsegError, OptionError
 
 
 @dataclass
@@ -161,9 +161,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
-        raise FcnsegError(f"size must look like HxW (e.g. 320x480), got {text!r}") from None
+        raise OptionError(f"size must look like HxW (e.g. 320x480), got {text!r}") from None
     if len(sizes) == 1:
         sizes = sizes * 2
     if len(sizes) != 2 or min(sizes) < 1:
-        raise FcnsegError(f"size must look like HxW with positive sides, got {text!r}")
+        raise OptionError(f"size must look like HxW with positive sides, got {text!r}")
     return sizes[0], sizes[1]

@@ -19,3 +19,7 @@ class CheckpointError(FcnsegError, ValueError):
 
 class WeightsError(FcnsegError, RuntimeError):
     """Pretrained weights cannot be found, downloaded or loaded."""
+
+
+class OptionError(FcnsegError, ValueError):
+    """An option value is malformed (a ValueError too, so argparse reports it as a usage error)."""

@@ -1,0 +1,40 @@
+"""The `fcnseg` entry point: help, version, and clean errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fcnseg import __version__
+from fcnseg.cli import build_parser, main
+
+
+def test_version_and_help_list_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    for command in ("demo", "train", "eval", "predict", "export", "download", "make-synthetic"):
+        assert command in help_text, command
+
+
+def test_console_script_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "fcnseg", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fcnseg {__version__}"
+
+
+def test_bad_size_is_a_usage_error_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["train", "--crop", "big"])
+    assert info.value.code == 2
+    assert "--crop" in capsys.readouterr().err
+
+
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):
+    status = main(["train", "--dataset", "folder", "--root", str(tmp_path / "nowhere"), "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "Traceback" not in err and "nowhere" in err
