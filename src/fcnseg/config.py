@@ -38,6 +38,8 @@ class TrainConfig:
     upsampler: str = "bilinear"
     weights_backbone: str | None = "DEFAULT"
     freeze_backbone: bool = False
+    cache_features: int = 0  # with freeze_backbone: augmented views per image whose body features are cached; 0: off
+    feature_cache: str | None = None  # directory for the cache (memory-mapped); None: in memory
     # optimisation
     epochs: int = 30
     iterations: int | None = None  # if set, overrides epochs
@@ -152,6 +154,8 @@ def resolve_config(explicit: dict[str, Any], config_file: str | None = None, rec
         raise FcnsegError("no dataset root given (--root DIR)")
     if config.batch_size < 1 or config.accumulate < 1:
         raise FcnsegError("batch size and accumulation steps must be positive")
+    if config.cache_features < 0 or (config.cache_features and not config.freeze_backbone):
+        raise FcnsegError("--cache-features V needs V >= 0 and --freeze-backbone: only a frozen body's features can be cached")
     return config
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,13 @@ class EvaluationReport:
     num_images: int
     val_loss: float
     mode: str
+    flip: bool = False
+    seconds: float = 0.0  # wall time of the prediction loop (data loading included, model loading not)
 
     def as_dict(self) -> dict[str, Any]:
         result = self.metrics.as_dict(self.classes)
-        result.update({"num_images": self.num_images, "val_loss": self.val_loss, "mode": self.mode,
+        result.update({"num_images": self.num_images, "val_loss": self.val_loss, "mode": self.mode, "flip": self.flip,
+                       "seconds": round(self.seconds, 2),
                        "note": "void pixels excluded; classes absent from truth and prediction are null "
                                "and left out of the means"})
         return result
@@ -81,9 +85,11 @@ def evaluate_checkpoint(
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
     from tqdm.auto import tqdm
 
+    started = time.perf_counter()
     metrics, matrix, loss = evaluate(model, tqdm(loader, desc=f"eval {split}", unit="batch"), len(checkpoint["classes"]),
                                      device=device, predict=predict, amp_dtype=resolve_amp_dtype(amp, device))
-    return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode)
+    return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode,
+                            flip=flip, seconds=time.perf_counter() - started)
 
 
 def write_report(report: EvaluationReport, path: str | Path) -> Path:

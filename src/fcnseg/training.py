@@ -5,6 +5,7 @@ Reads a resolved `TrainConfig`; the CLI builds that config. Works in one process
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -149,8 +150,21 @@ def _log_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
     """Runs (or resumes) a training run and returns where its outputs are.
+
+    Args:
+        config: the resolved settings.
+        progress: show a progress bar.
+        on_epoch_end: called on every rank after each epoch with that epoch's record (the line
+            appended to metrics.jsonl: epoch, iteration, train_loss, lr, time_s and, on evaluation
+            epochs, miou and the other metrics), once its checkpoint is written. An exception it
+            raises stops the run there, with last.pt resumable; `fcnseg tune` prunes trials this way.
 
     Raises:
         FcnsegError: bad data or options, a foreign or truncated checkpoint on resume, or a loss
@@ -161,12 +175,16 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     try:
         if device.type == "cuda" and ctx.enabled:
             device = torch.device("cuda", ctx.local_rank)
-        return _train(config, device, ctx, progress)
+        # The stack closes the TensorBoard writer even when the run stops early (divergence, a
+        # pruned tuning trial): a tuning process runs many trials and must not leak writer threads.
+        with contextlib.ExitStack() as cleanup:
+            return _train(config, device, ctx, progress, on_epoch_end, cleanup)
     finally:
         cleanup_distributed()
 
 
-def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, progress: bool) -> TrainResult:
+def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, progress: bool,
+           on_epoch_end: Callable[[dict[str, Any]], None] | None, cleanup: contextlib.ExitStack) -> TrainResult:
     from tqdm.auto import tqdm
 
     out = Path(config.out)
@@ -211,6 +229,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
     if config.class_weights == "median-frequency":
         class_weights = median_frequency_weights(train_base, num_classes).to(device)
 
+    resumed_metrics = None
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_miou": -1.0, "history": [],
              "epoch_loss_sum": 0.0, "epoch_images": 0, "train_seconds": 0.0}
     if config.resume and last_path.exists():
@@ -223,6 +242,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
             scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
         state.update({k: checkpoint[k] for k in state if k in checkpoint})
+        resumed_metrics = checkpoint.get("metrics")
         if ctx.is_main:
             print(f"resuming {last_path}: epoch {state['epoch'] + 1}, step {state['global_step']}/{total_steps}")
     elif config.resume and ctx.is_main:
@@ -234,7 +254,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
         (out / "config.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=state["global_step"] or None)
+        writer = cleanup.enter_context(SummaryWriter(str(out / "tensorboard"), purge_step=state["global_step"] or None))
 
     def save(path: Path, metrics: dict[str, Any] | None = None) -> None:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -255,8 +275,17 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
 
         predict_fn = lambda m, x: predict_sliding(m, x, window=tuple(config.crop))  # noqa: E731
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
-    final_metrics = None
+    # A run killed after its last checkpoint but before metrics.json has nothing left to train: its
+    # checkpoint's metrics are the final ones. Otherwise the last epoch's validation replaces them.
+    final_metrics = resumed_metrics
     started = time.perf_counter() - state["train_seconds"]
+    train_net = net
+    if config.freeze_backbone and config.cache_features > 0:
+        # The frozen body runs once per cached view instead of every step: the loop trains the head
+        # on stored features. Checkpoints and validation (whole images) still use the full model.
+        from fcnseg.feature_cache import cached_head_training
+
+        train_net, train_set = cached_head_training(model, train_set, config, device, ctx, progress=progress)
 
     while state["global_step"] < total_steps:
         epoch = state["epoch"]
@@ -273,10 +302,10 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
         while state["step_in_epoch"] < steps_this_epoch:
             tic = time.perf_counter()
             micro = [next(batches) for _ in range(micro_per_step)]
-            result = train_step(net, micro, optimizer, device=device, amp_dtype=amp_dtype, scaler=scaler,
+            result = train_step(train_net, micro, optimizer, device=device, amp_dtype=amp_dtype, scaler=scaler,
                                 channels_last=config.channels_last, class_weights=class_weights,
                                 loss_reduction=config.loss_reduction,
-                                no_sync=net.no_sync if ctx.enabled else None)
+                                no_sync=train_net.no_sync if ctx.enabled else None)
             scheduler.step()
             state["step_in_epoch"] += 1
             state["global_step"] += 1
@@ -337,6 +366,8 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
 
                 plot_curves(state["history"], out / "curves.png")
         barrier(ctx)
+        if on_epoch_end is not None:
+            on_epoch_end(dict(record))
 
     if writer is not None:
         writer.close()

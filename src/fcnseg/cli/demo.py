@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     height, width = parse_size(args.size)
-    data_root = make_synthetic(out / "data", num_classes=6, n=args.images, size=(height, width), seed=args.seed)
+    data_root = make_synthetic(out / "data", num_classes=6, n=args.images, size=(height, width), seed=args.seed,
+                               progress=not args.no_progress)
     print(f"synthetic scenes: {data_root}")
     config = resolve_config({
         "dataset": "folder", "root": str(data_root), "model": "fcn_resnet18", "variant": "8s",

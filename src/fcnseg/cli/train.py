@@ -25,6 +25,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "checkpoints go to RUN_DIR/last.pt and RUN_DIR/best.pt. Under torchrun the same command trains with DDP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_config_options(p)
+    p.set_defaults(func=run_train)
+
+
+def add_config_options(p: argparse.ArgumentParser, *, run_dir: bool = True) -> None:
+    """Adds the options that make a TrainConfig; `fcnseg tune` reuses them with ``run_dir=False``
+    (it owns --out and --resume)."""
     d = _DEFAULTS
     # Every option defaults to None here so that resolve_config can tell what was given; the
     # help shows the effective default of the default recipe.
@@ -46,6 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--upsampler", choices=CHOICES["upsampler"], help=f"default {d.upsampler}")
     model.add_argument("--weights-backbone", help="DEFAULT (torchvision ImageNet), none, or a state-dict file (default DEFAULT)")
     model.add_argument("--freeze-backbone", type=_bool, nargs="?", const=True, help="train the head only")
+    model.add_argument("--cache-features", type=int, metavar="V",
+                       help="with --freeze-backbone: run the body once on V augmented views of each image and train "
+                       "the head on the cached features, epoch e on view e mod V (default 0: off)")
+    model.add_argument("--feature-cache", metavar="DIR", help="keep the feature cache in memory-mapped files in DIR "
+                       "(reused by later runs with the same data, views and backbone) instead of in memory")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     optim.add_argument("--iterations", type=int, help="optimiser steps; overrides --epochs")
@@ -64,8 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     hw.add_argument("--amp", choices=CHOICES["amp"], help="mixed precision (default auto: bf16 on capable CPUs, fp16/bf16 on CUDA)")
     hw.add_argument("--channels-last", type=_bool, help=f"default {d.channels_last}")
     run = p.add_argument_group("run")
-    run.add_argument("--out", help=f"run directory (default {d.out})")
-    run.add_argument("--resume", action="store_const", const=True, help="continue from RUN_DIR/last.pt")
+    if run_dir:
+        run.add_argument("--out", help=f"run directory (default {d.out})")
+        run.add_argument("--resume", action="store_const", const=True, help="continue from RUN_DIR/last.pt")
     run.add_argument("--recipe", choices=CHOICES["recipe"], help="d2l: the chapter's exact setting")
     run.add_argument("--config", dest="config_file", help="YAML file of option: value defaults")
     run.add_argument("--checkpoint-every", type=int, help="also write last.pt every N steps (default: each epoch)")
@@ -75,14 +88,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--max-val-images", type=int, help="validate on the first N images only")
     run.add_argument("--seed", type=int, help=f"default {d.seed}")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_train)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from fcnseg.config import FIELD_NAMES, resolve_config
-    from fcnseg.training import train
+def explicit_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line (None: not given; --no-scale: ())."""
+    from fcnseg.config import FIELD_NAMES
 
-    explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    return {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Resolves defaults, --recipe, --config FILE and the options given into a TrainConfig."""
+    from fcnseg.config import resolve_config
+
+    explicit = explicit_options(args)
     if explicit.get("scale_range") == ():
         explicit["scale_range"] = None
         config = resolve_config({k: v for k, v in explicit.items() if k != "scale_range"}, args.config_file, args.recipe)
@@ -91,6 +110,15 @@ def run_train(args: argparse.Namespace) -> int:
         config = resolve_config(explicit, args.config_file, args.recipe)
     if isinstance(config.weights_backbone, str) and config.weights_backbone.lower() == "none":
         config.weights_backbone = None
+    return config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fcnseg.allocator import keep_freed_memory
+    from fcnseg.training import train
+
+    config = config_from_args(args)
+    keep_freed_memory()  # speed only: large tensors reuse freed memory instead of new pages
     result = train(config, progress=not args.no_progress)
     if result.final_metrics is not None and (result.out_dir / "metrics.json").exists():
         print(f"done in {result.train_seconds:.0f} s: best mIoU {result.best_miou:.4f}; "

@@ -1,0 +1,34 @@
+"""benchmarks/bench_speed.py --quick runs end to end and reports every section (CI runs only this mode)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("## Machine", "## Peak", "## FLOPs", "## Inference", "## Training step", "## Loss curve",
+            "## Frozen-backbone epoch", "## Upsampler share", "## Sliding window", "## Targets")
+
+
+def test_quick_benchmark_reports_every_section(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_speed.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "# fcnseg speed benchmarks" in proc.stdout  # the report is printed too
+    for section in SECTIONS:
+        assert section in text, section
+    assert "failed" not in text, text
+    # Every measurement produced a row, and every target a verdict.
+    for row in ("| baseline: chapter model", "| fp32-cl: + channels_last", "| bf16-cl:", "| fp32: fcnseg train_step",
+                "| cached: fcnseg, cached features", "| fcnseg TransposedConvUpsampler", "| `predict_sliding`"):
+        assert row in text, row
+    targets = text.split("## Targets", 1)[1]
+    assert targets.count("**PASS**") + targets.count("**MISS**") == 6, targets
+    # The loss curves of the chapter's step and fcnseg's agree from the same start.
+    match = re.search(r"Largest relative difference: ([0-9.e+-]+)", text)
+    assert match and float(match.group(1)) < 1e-4, match
