@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from fcnseg.config import CHOICES, TrainConfig, parse_size
 
@@ -120,7 +121,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     keep_freed_memory()  # speed only: large tensors reuse freed memory instead of new pages
     result = train(config, progress=not args.no_progress)
-    if result.final_metrics is not None and (result.out_dir / "metrics.json").exists():
+    is_rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if is_rank0 and result.final_metrics is not None and (result.out_dir / "metrics.json").exists():
         print(f"done in {result.train_seconds:.0f} s: best mIoU {result.best_miou:.4f}; "
               f"checkpoints {result.last_checkpoint}, {result.best_checkpoint}; curves {result.out_dir / 'curves.png'}")
     return 0
