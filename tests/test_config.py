@@ -40,3 +40,13 @@ def test_bad_values_are_refused(tmp_path):
         parse_size("320 by 480")
     assert parse_size("320x480") == (320, 480) and parse_size("64") == (64, 64)
     assert resolve_config({"root": "r", "weights_backbone": "none"}).weights_backbone is None
+
+
+def test_no_scale_option_turns_scaling_off():
+    from fcnseg.cli import build_parser
+    from fcnseg.cli.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--root", "r", "--no-scale"])
+    assert config_from_args(args).scale_range is None
+    args = build_parser().parse_args(["train", "--root", "r", "--scale-range", "0.5", "1.5"])
+    assert config_from_args(args).scale_range == (0.5, 1.5)

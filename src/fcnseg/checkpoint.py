@@ -8,13 +8,13 @@ normalisation that inference needs, and, for training checkpoints, everything ``
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fcnseg.atomic import atomic_write
 from fcnseg.errors import CheckpointError
 from fcnseg.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 from fcnseg.models import build_model
@@ -72,19 +72,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path
 
     A crash or kill mid-write leaves the previous file intact, never a truncated one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

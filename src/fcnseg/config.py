@@ -145,8 +145,10 @@ def resolve_config(explicit: dict[str, Any], config_file: str | None = None, rec
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
     config = TrainConfig(**values)
-    if isinstance(config.weights_backbone, str) and config.weights_backbone.lower() in ("none", "null", ""):
-        config.weights_backbone = None  # "none" because None in `explicit` means "not given"
+    # "none" spells None because None in `explicit` means "not given" (and YAML users may write it).
+    for key in ("weights_backbone", "scale_range"):
+        if isinstance(getattr(config, key), str) and getattr(config, key).lower() in ("none", "null", ""):
+            setattr(config, key, None)
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise FcnsegError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")

@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +28,9 @@ import torch
 from torch import nn
 
 from fcnseg import __version__
+from fcnseg.atomic import atomic_write
 from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, model_from_checkpoint
+from fcnseg.data.folder import default_palette
 from fcnseg.errors import FcnsegError
 
 Exporter = Literal["dynamo", "legacy"]
@@ -124,7 +125,7 @@ def export_onnx(
             h, w = worst["size"]
             raise FcnsegError(f"ONNX output differs from PyTorch by {worst['max_abs_diff']:.3g} at size {h}x{w} "
                               f"(tolerance {tolerance:g}); {path} was not written")
-    _write_atomically(data, Path(path))
+    atomic_write(path, lambda f: f.write(data))
     return report
 
 
@@ -199,7 +200,7 @@ def _model_and_metadata(source, classes, colors, mean, std) -> tuple[nn.Module, 
     if num_classes is not None and len(classes) != num_classes:
         raise ValueError(f"the model predicts {num_classes} classes but {len(classes)} class names were given")
     if colors is None:
-        colors = checkpoint.get("colors") or _voc_palette(len(classes))
+        colors = checkpoint.get("colors") or [list(c) for c in default_palette(len(classes))]
     if len(colors) != len(classes):
         raise ValueError(f"{len(classes)} class names but {len(colors)} colours")
     mean = [float(v) for v in (mean if mean is not None else checkpoint.get("mean", IMAGENET_MEAN))]
@@ -267,35 +268,6 @@ def _name_output_axes(proto) -> None:
 
 def _opset_of(proto) -> int:
     return next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), -1)
-
-
-def _write_atomically(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _voc_palette(n: int) -> list[list[int]]:
-    """The PASCAL VOC colour map (bit-interleaved class ids), the usual default palette."""
-    colors = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colors.append([r, g, b])
-    return colors
 
 
 def _require(module: str):

@@ -17,37 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fcnseg.data.io import IGNORE_INDEX, MASK_EXTENSIONS, open_image  # noqa: F401  (re-exported)
 from fcnseg.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
-MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")  # lossless only: JPEG blurs class ids
-IGNORE_INDEX = 255
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 """Anything `to_rgb_array` accepts: a path, a PIL image, an HxWx3 array or a CHW tensor."""
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-
-
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes an image file, so that truncation is found here, not later.
-
-    Raises:
-        DataError: the file is missing, a folder, not an image, truncated or otherwise undecodable.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not an image file")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        # Pillow reports corrupt and truncated files as OSError or SyntaxError depending on the format.
-        raise DataError(f"{path}: cannot read image ({err.__class__.__name__}: {err}); "
-                        "the file is not an image, or it is corrupt or truncated") from None
-    return image
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:

@@ -103,7 +103,7 @@ def build_datasets(config: TrainConfig):
 
 def image_sizes(dataset) -> list[tuple[int, int]]:
     """(H, W) of every image, from file headers when the dataset lists its files."""
-    from PIL import Image
+    from fcnseg.data.io import image_size
 
     base, indices = dataset, None
     if isinstance(dataset, torch.utils.data.Subset):
@@ -113,11 +113,7 @@ def image_sizes(dataset) -> list[tuple[int, int]]:
         return [tuple(dataset[i][0].shape[-2:]) for i in range(len(dataset))]
     if indices is not None:
         paths = [paths[i] for i in indices]
-    sizes = []
-    for path in paths:
-        with Image.open(path) as im:
-            sizes.append((im.height, im.width))
-    return sizes
+    return [image_size(path) for path in paths]
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):

@@ -43,7 +43,7 @@ def add_config_options(p: argparse.ArgumentParser, *, run_dir: bool = True) -> N
     data.add_argument("--val-split", help=f"default {d.val_split}")
     data.add_argument("--crop", type=parse_size, help="random crop HxW (default 320x480)")
     data.add_argument("--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="random scale range (default 0.5 2.0)")
-    data.add_argument("--no-scale", dest="scale_range", action="store_const", const=(), help="no random scaling")
+    data.add_argument("--no-scale", dest="scale_range", action="store_const", const="none", help="no random scaling")
     data.add_argument("--hflip", type=_bool, help=f"random horizontal flip (default {d.hflip})")
     data.add_argument("--color-jitter", type=float, help=f"colour jitter strength (default {d.color_jitter})")
     data.add_argument("--drop-small", type=_bool, help="drop images smaller than the crop, as the chapter does (default: pad them)")
@@ -92,7 +92,7 @@ def add_config_options(p: argparse.ArgumentParser, *, run_dir: bool = True) -> N
 
 
 def explicit_options(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields given on the command line (None: not given; --no-scale: ())."""
+    """The TrainConfig fields given on the command line (None: not given; --no-scale: "none")."""
     from fcnseg.config import FIELD_NAMES
 
     return {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
@@ -102,16 +102,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Resolves defaults, --recipe, --config FILE and the options given into a TrainConfig."""
     from fcnseg.config import resolve_config
 
-    explicit = explicit_options(args)
-    if explicit.get("scale_range") == ():
-        explicit["scale_range"] = None
-        config = resolve_config({k: v for k, v in explicit.items() if k != "scale_range"}, args.config_file, args.recipe)
-        config.scale_range = None
-    else:
-        config = resolve_config(explicit, args.config_file, args.recipe)
-    if isinstance(config.weights_backbone, str) and config.weights_backbone.lower() == "none":
-        config.weights_backbone = None
-    return config
+    return resolve_config(explicit_options(args), args.config_file, args.recipe)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         DataError: the file is missing, not an image, truncated or otherwise undecodable.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an image file")
     try:
         image = Image.open(path)
         image.load()
