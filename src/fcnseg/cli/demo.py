@@ -15,9 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=12, help="training epochs over the synthetic train split")
     p.add_argument("--images", type=int, default=300, help="synthetic images to draw (80%% train, 20%% val)")
     p.add_argument("--size", default="128x160", help="synthetic image size HxW")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes and of training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
