@@ -1,7 +1,20 @@
-"""Device choice: CUDA, then Apple MPS, then CPU."""
+"""Device choice (CUDA, then Apple MPS, then CPU) and what the CPU computes natively."""
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.cache
+def native_cpu_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX-512 BF16 or AMX), where oneDNN runs bf16 natively.
+
+    Elsewhere bf16 is emulated and several times slower than float32 (measured 18.8 against 144
+    GFLOP/s for a 3x3 convolution on an AVX2 EPYC), so automatic mixed precision stays off there.
+    """
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported is not None and supported())
 
 
 def select_device(name: str | torch.device | None = "auto") -> torch.device:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fcnseg.devices import native_cpu_bf16
 from fcnseg.errors import FcnsegError
 from fcnseg.metrics import ConfusionMatrix, SegmentationMetrics
 
@@ -64,8 +65,7 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        return torch.bfloat16 if supported is not None and supported() else None
+        return torch.bfloat16 if native_cpu_bf16() else None
     return None
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fcnseg.models import upsample as upsample_module
 from fcnseg.models.upsample import (
     TransposedConvUpsampler,
     bilinear_kernel,
@@ -59,7 +60,8 @@ def test_fast_upsampler_equals_conv_transpose2d(stride, init):
         torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-3)
 
 
-def test_fast_upsampler_under_bf16_autocast_stays_close_and_float32():
+def test_fast_upsampler_under_bf16_autocast_stays_float32_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: False)
     up = TransposedConvUpsampler(3, 32)
     x = torch.randn(1, 3, 4, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -67,6 +69,20 @@ def test_fast_upsampler_under_bf16_autocast_stays_close_and_float32():
     assert out.dtype == torch.float32
     expected = F.conv_transpose2d(x.bfloat16().float(), up.weight, stride=32, padding=16)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_upsampler_under_bf16_autocast_computes_in_bf16_where_native(monkeypatch):
+    monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
+    up = TransposedConvUpsampler(3, 32, "xavier")
+    x = torch.randn(2, 3, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = up(x)
+    assert out.dtype == torch.bfloat16
+    expected = F.conv_transpose2d(x, up.weight.detach(), stride=32, padding=16)
+    # bf16 keeps 8 significant bits: inputs, weights and outputs each round once.
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+    (gw,) = torch.autograd.grad(out.float().square().sum(), up.weight)
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
 
 
 def test_fixed_upsampler_is_not_learned_and_refuses_other_weights():
