@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import datetime as _dt
 import json
 import math
@@ -41,12 +42,12 @@ MARK = "BENCH-RESULT "
 
 FULL: dict[str, Any] = {
     "size": [320, 480], "batches": [1, 8], "train_batch": 8, "repeats": 5, "warmup": 2, "train_repeats": 3,
-    "curve_steps": 5, "curve_batch": 4, "epoch_images": 24, "epoch_batch": 8, "epoch_repeats": 2,
+    "curve_steps": 20, "curve_batch": 4, "curve_lr": 0.001, "epoch_images": 24, "epoch_batch": 8, "epoch_repeats": 2,
     "image_size": [360, 480], "sliding_image": [375, 500], "peak_conv": [4, 256, 56, 56], "compile": True,
 }
 QUICK: dict[str, Any] = {
     "size": [64, 96], "batches": [1, 2], "train_batch": 2, "repeats": 2, "warmup": 1, "train_repeats": 2,
-    "curve_steps": 3, "curve_batch": 2, "epoch_images": 4, "epoch_batch": 2, "epoch_repeats": 1,
+    "curve_steps": 3, "curve_batch": 2, "curve_lr": 0.001, "epoch_images": 4, "epoch_batch": 2, "epoch_repeats": 1,
     "image_size": [72, 96], "sliding_image": [75, 100], "peak_conv": [1, 32, 28, 28], "compile": False,
 }
 
@@ -60,14 +61,18 @@ INFER_CONFIGS = {
     "fp32-cl-fold": "+ BatchNorm folded into the convs (fuse_conv_bn_eval)",
     "fp32-cl-jit": "+ body traced, torch.jit.freeze + optimize_for_inference (oneDNN fusion)",
     "compile": "+ torch.compile (inductor, freezing)",
-    "bf16-cl": "channels_last + bf16 autocast (upsampler kept fp32)",
+    "bf16-cl": "channels_last + bf16 autocast (the upsampler in bf16 too where bf16 is native)",
+    "bf16-cl-fold": "+ BatchNorm folded into the convs",
+    "bf16-compile": "bf16 autocast + torch.compile (inductor, freezing)",
 }
+BF16_INFER = ("bf16-cl", "bf16-cl-fold", "bf16-compile")
 TRAIN_CONFIGS = {
     "baseline": "chapter's step as written (SGD, d2l loss, accuracy count)",
     "baseline-alloc": "the same, with fcnseg.allocator.keep_freed_memory",
     "fp32": "fcnseg train_step, fp32 NCHW, foreach SGD",
     "fp32-cl": "+ channels_last",
     "compile": "+ torch.compile of the model (inductor)",
+    "bf16-cl": "channels_last + bf16 autocast (what `--amp auto` picks on CPUs with native bf16)",
 }
 
 
@@ -208,6 +213,9 @@ def _infer_model(config: str, params: dict[str, Any]):
     import torch
 
     net, tv = build_baseline()
+    fitted = Path(params["workdir"]) / "fitted_baseline.pt"
+    if fitted.exists():  # the curve case's fit; the body modules are shared with `tv`
+        net.load_state_dict(torch.load(fitted, weights_only=True))
     if config.startswith("baseline"):
         return net.eval(), 0.0
     model = fcnseg_from_baseline(net, tv).eval()
@@ -223,11 +231,13 @@ def _infer_model(config: str, params: dict[str, Any]):
         with torch.no_grad():
             traced = torch.jit.trace(model.backbone, example)
             model.backbone = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-    elif config == "compile":
+    elif config in ("compile", "bf16-compile"):
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # constant-folds BatchNorm into prepacked oneDNN weights
         model = torch.compile(model, dynamic=False)
+    if config == "bf16-cl-fold":
+        fold_batchnorm(model.backbone)
     return model, time.perf_counter() - start
 
 
@@ -241,20 +251,22 @@ def case_infer(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
         setup_process(params, fast_allocator=not config.startswith("baseline"))
         model, prepare_s = _infer_model(config, params)
         channels_last = config not in ("fp32",) and not config.startswith("baseline")
-        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if config == "bf16-cl" else contextlib.nullcontext
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if config in BF16_INFER else contextlib.nullcontext
         grad = torch.enable_grad if config == "baseline-as-written" else (torch.no_grad if config == "baseline" else torch.inference_mode)
         entry: dict[str, Any] = {"prepare_s": prepare_s, "batches": {}}
+        scenes = workdir / "scene_images.pt"
+        images = torch.load(scenes) if scenes.exists() else None
         for batch in params["batches"]:
             g = torch.Generator().manual_seed(1)
-            x = torch.randn(batch, 3, *params["size"], generator=g)
+            x = images[:batch].clone() if images is not None else torch.randn(batch, 3, *params["size"], generator=g)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             compile_s = 0.0
-            # The emulated-bf16 and autograd-recording rows are slow and only there for the record.
-            slow = config in ("bf16-cl", "baseline-as-written")
+            # The autograd-recording row (and bf16 where it is emulated) is slow and only there for the record.
+            slow = config == "baseline-as-written" or (config in BF16_INFER and not native_bf16())
             repeats, warmup = (params["repeats"] // 2 + 1, 1) if slow else (params["repeats"], params["warmup"])
             with grad(), autocast():
-                if config == "compile":  # the first call compiles for this shape
+                if config in ("compile", "bf16-compile"):  # the first call compiles for this shape
                     start = time.perf_counter()
                     model(x)
                     compile_s = time.perf_counter() - start
@@ -267,9 +279,16 @@ def case_infer(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
             entry["batches"][str(batch)] = {"images_per_s": batch / median(times), "median_s": median(times),
                                             "agreement": agreement, "compile_s": compile_s}
         entry["peak_rss_mb"] = peak_rss_mb()
+        entry["fitted"] = images is not None
         results[config] = entry
         del model
     return results
+
+
+def native_bf16() -> bool:
+    from fcnseg.devices import native_cpu_bf16
+
+    return native_cpu_bf16()
 
 
 def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
@@ -302,6 +321,7 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
             model = fcnseg_from_baseline(net, tv)
             del net, tv
             channels_last = config != "fp32"
+            amp = torch.bfloat16 if config.startswith("bf16") else None
             if channels_last:
                 model.to(memory_format=torch.channels_last)
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
@@ -313,7 +333,7 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
 
             def step() -> None:
                 train_step(runner, [(x, y)], optimizer, device=torch.device("cpu"), channels_last=channels_last,
-                           loss_reduction="d2l")
+                           amp_dtype=amp, loss_reduction="d2l")
 
             if config == "compile":
                 start = time.perf_counter()
@@ -325,38 +345,63 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     return results
 
 
+def scene_batches(params: dict[str, Any], count: int, batch: int, seed: int):
+    """``count`` batches of random ``size`` crops of the synthetic scenes (normalised, void read as
+    background as the chapter's reader does), the same for every configuration."""
+    import torch
+
+    from fcnseg.loaders import SeededTransformDataset
+
+    views = SeededTransformDataset(_epoch_dataset(params), VoidAsBackground(tuple(params["size"])), seed=seed)
+    samples = []
+    for i in range(count * batch):
+        views.set_epoch(i // len(views))
+        samples.append(views[i % len(views)])
+    return [(torch.stack([s[0] for s in samples[b * batch:(b + 1) * batch]]),
+             torch.stack([s[1] for s in samples[b * batch:(b + 1) * batch]]).long()) for b in range(count)]
+
+
 def case_curve(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
-    """The first losses of the baseline and of fcnseg's path from the same weights and batches."""
+    """A short real fit on the scenes from the same weights and batches: the chapter's step against
+    fcnseg's fp32 and bf16 steps. It also leaves the baseline's fitted weights for the inference
+    case, whose argmax agreement means more on a model that has learned something than on random
+    weights, where most pixels are near-ties between classes."""
     import torch
 
     from fcnseg.engine import train_step
 
     setup_process(params, fast_allocator=True)
-    batch, steps = params["curve_batch"], params["curve_steps"]
-    g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(batch, 3, *params["size"], generator=g),
-             torch.randint(0, NUM_CLASSES, (batch, *params["size"]), generator=g)) for _ in range(steps)]
+    batch, steps, lr = params["curve_batch"], params["curve_steps"], params["curve_lr"]
+    data = scene_batches(params, steps, batch, seed=3)
     net, tv = build_baseline()
-    model = fcnseg_from_baseline(net, tv).to(memory_format=torch.channels_last)
+    fp32 = fcnseg_from_baseline(net, tv).to(memory_format=torch.channels_last)
+    bf16 = fcnseg_from_baseline(net, tv).to(memory_format=torch.channels_last)
     net.transpose_conv.bias.requires_grad_(False)  # stays zero: fcnseg's upsampler has no bias
-    trainer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-3)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-3,
-                                foreach=True)
-    baseline_losses, fcnseg_losses = [], []
+    trainer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-3)
+    optimizers = {name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=1e-3,
+                                        foreach=True) for name, m in (("fp32", fp32), ("bf16", bf16))}
+    losses: dict[str, list[float]] = {"baseline": [], "fcnseg": [], "fcnseg-bf16": []}
     for x, y in data:
         net.train()
         trainer.zero_grad()
         loss = d2l_loss(net(x), y)
         loss.sum().backward()
         trainer.step()
-        baseline_losses.append(float(loss.sum()))
-        model.train()
-        result = train_step(model, [(x, y)], optimizer, device=torch.device("cpu"), channels_last=True,
-                            loss_reduction="d2l")
-        fcnseg_losses.append(result.loss)
-    rel = [abs(a - b) / abs(a) for a, b in zip(baseline_losses, fcnseg_losses)]
-    return {"baseline": baseline_losses, "fcnseg": fcnseg_losses, "max_rel_diff": max(rel), "batch": batch,
-            "peak_rss_mb": peak_rss_mb()}
+        losses["baseline"].append(float(loss.sum()))
+        for key, name, model, amp in (("fcnseg", "fp32", fp32, None), ("fcnseg-bf16", "bf16", bf16, torch.bfloat16)):
+            model.train()
+            result = train_step(model, [(x, y)], optimizers[name], device=torch.device("cpu"), channels_last=True,
+                                amp_dtype=amp, loss_reduction="d2l")
+            losses[key].append(result.loss)
+
+    def rel(key: str) -> list[float]:
+        return [abs(a - b) / abs(a) for a, b in zip(losses["baseline"], losses[key])]
+
+    workdir = Path(params["workdir"])
+    torch.save(net.state_dict(), workdir / "fitted_baseline.pt")
+    torch.save(scene_batches(params, 1, max(params["batches"]), seed=5)[0][0], workdir / "scene_images.pt")
+    return {**losses, "max_rel_diff": max(rel("fcnseg")), "max_rel_diff_bf16": max(rel("fcnseg-bf16")),
+            "final_rel_diff_bf16": rel("fcnseg-bf16")[-1], "batch": batch, "lr": lr, "peak_rss_mb": peak_rss_mb()}
 
 
 class VoidAsBackground:
@@ -422,6 +467,7 @@ def case_epoch(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
             results[config] = {"epoch_s": median(times), "images": len(dataset) // batch * batch}
         else:
             upsampler = "fixed" if config == "cached-fixed" else "bilinear"
+            amp = torch.bfloat16 if "bf16" in config else None
             model = fcnseg_from_baseline(net, tv, freeze_backbone=True, upsampler=upsampler)
             model.to(memory_format=torch.channels_last)
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
@@ -441,11 +487,15 @@ def case_epoch(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
                 head = CachedFeatureHead(model, cache.size)
                 cached = cache.dataset()
 
+                # What `fcnseg train --freeze-backbone --cache-features V` runs: the last upsampling fused
+                # with the loss (fcnseg.fused_loss); "cached" is the plain module followed by the loss.
+                fused = functools.partial(head.loss, reduction="d2l") if "fused" in config else None
+
                 def epoch() -> None:
                     model.train()
                     for packed, y in DataLoader(cached, batch_size=batch, shuffle=True, drop_last=True):
-                        train_step(head, [(packed, y)], optimizer, device=cpu, channels_last=True,
-                                   loss_reduction="d2l")
+                        train_step(head, [(packed, y)], optimizer, device=cpu, channels_last=True, amp_dtype=amp,
+                                   loss_reduction="d2l", compute_loss=fused)
             repeats = params["epoch_repeats"] if config == "uncached" else 2 * params["epoch_repeats"] + 1
             times = timed(epoch, repeats, 1)
             entry.update({"epoch_s": median(times), "images": len(views) // batch * batch})
@@ -475,7 +525,8 @@ def case_upsampler(params: dict[str, Any], configs: list[str]) -> dict[str, Any]
                 x = x.contiguous(memory_format=torch.channels_last)
                 body = lambda image: model.score32(model.backbone(image)[2])  # noqa: E731
                 grad = torch.inference_mode
-            with grad():
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config == "fcnseg-bf16")
+            with grad(), autocast:
                 scores = body(x)
                 total = median(timed(lambda: model(x), params["repeats"], params["warmup"]))
                 up = median(timed(lambda: upsampler(scores), params["repeats"], params["warmup"]))
@@ -578,10 +629,11 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 def plan(params: dict[str, Any], only: set[str] | None, quick: bool) -> list[tuple[str, list[str]]]:
     """(case, configs) per subprocess: one configuration each in a full run, one process per case in --quick."""
-    infer = [c for c in INFER_CONFIGS if params["compile"] or c != "compile"]
+    infer = [c for c in INFER_CONFIGS if params["compile"] or "compile" not in c]
     train = [c for c in TRAIN_CONFIGS if params["compile"] or c != "compile"]
-    cases = [("machine", ["all"]), ("infer", infer), ("train", train), ("curve", ["all"]),
-             ("epoch", ["baseline", "uncached", "cached", "cached-fixed"]), ("upsampler", ["baseline", "fcnseg"]),
+    cases = [("machine", ["all"]), ("curve", ["all"]), ("infer", infer), ("train", train),
+             ("epoch", ["baseline", "uncached", "cached", "cached-fused", "cached-fused-bf16", "cached-fixed"]),
+             ("upsampler", ["baseline", "fcnseg", "fcnseg-bf16"]),
              ("sliding", ["all"])]
     runs = []
     for name, configs in cases:
@@ -628,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fcnseg-bench-") as workdir:
         params["workdir"] = workdir
         runs = plan(params, only, args.quick)
-        if any(name == "epoch" for name, _ in runs):
+        if any(name in ("epoch", "curve") for name, _ in runs):
             params["dataset_root"] = str(make_epoch_dataset(Path(workdir), params))
         if args.quick:
             print(f"one process: {', '.join(name for name, _ in runs)}", flush=True)

@@ -7,6 +7,7 @@ every run and inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,14 @@ from typing import Any
 import yaml
 
 from fcnseg.errors import FcnsegError, OptionError
+
+
+def default_workers() -> int:
+    """DataLoader workers for this machine: none with 2 cores or fewer, where a worker process takes
+    its core from the training threads (MobileNetV2 FCN-8s, 360x480, 2 cores: 30 steps in 24.5 s
+    loading in-process, 28.9 s with one worker); else half the cores, at most 4."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
 
 
 @dataclass
@@ -31,7 +40,7 @@ class TrainConfig:
     color_jitter: float = 0.0
     drop_small: bool = False  # the chapter drops images smaller than the crop; we pad them
     border_as_background: bool = False  # the chapter's reading of VOC's void border
-    workers: int = 1
+    workers: int = field(default_factory=lambda: default_workers())
     # model
     model: str = "fcn_resnet18"
     variant: str = "8s"

@@ -87,8 +87,14 @@ def train_step(
     class_weights: torch.Tensor | None = None,
     loss_reduction: str = "mean",
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> StepResult:
     """One optimiser step over one or more micro-batches (gradient accumulation).
+
+    Args:
+        compute_loss: ``(image, target) -> loss`` in place of ``segmentation_loss(model(image),
+            target)`` (e.g. `CachedFeatureHead.loss`, which fuses the last layer with the loss);
+            it runs under the same autocast and must compute the same function.
 
     Raises:
         TrainingDiverged: a loss is NaN or infinite; the optimiser step is not taken.
@@ -104,9 +110,13 @@ def train_step(
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if (last or no_sync is None) else no_sync()
         with sync:
-            with autocast_context(device, amp_dtype):
-                logits = model(image)
-            loss = segmentation_loss(logits, target, class_weights=class_weights, reduction=loss_reduction)
+            if compute_loss is not None:
+                with autocast_context(device, amp_dtype):
+                    loss = compute_loss(image, target)
+            else:
+                with autocast_context(device, amp_dtype):
+                    logits = model(image)
+                loss = segmentation_loss(logits, target, class_weights=class_weights, reduction=loss_reduction)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss.item()}; stopping (lower the learning rate or disable fp16 AMP); "

@@ -114,6 +114,23 @@ class CachedFeatureHead(nn.Module):
         h, w = self.size
         return self.model.head(c8, c16, c32)[..., :h, :w]
 
+    def loss(self, packed: torch.Tensor, target: torch.Tensor, *, class_weights: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+        """``segmentation_loss(self(packed), target)``, with the final upsampling and the loss fused.
+
+        Once the body is cached, the full-resolution logits are most of a step's memory traffic;
+        `fcnseg.fused_loss.upsample_cross_entropy` never materialises them (a fixed bilinear
+        upsampler, which is cheap, runs unfused).
+        """
+        from fcnseg.engine import segmentation_loss
+        from fcnseg.fused_loss import upsample_cross_entropy
+
+        if not self.model.upsample_final.learnable:
+            return segmentation_loss(self(packed), target, class_weights=class_weights, reduction=reduction)
+        c8, c16, c32 = unpack_features(packed.float(), self.model.backbone.channels, self.model.variant)
+        return upsample_cross_entropy(self.model.scores(c8, c16, c32), self.model.upsample_final, target,
+                                      class_weights=class_weights, reduction=reduction)
+
 
 class FeatureCache:
     """Packed body features and targets of ``V`` augmented views of every image of a dataset.

@@ -6,6 +6,7 @@ Reads a resolved `TrainConfig`; the CLI builds that config. Works in one process
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -275,13 +276,16 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
     # checkpoint's metrics are the final ones. Otherwise the last epoch's validation replaces them.
     final_metrics = resumed_metrics
     started = time.perf_counter() - state["train_seconds"]
-    train_net = net
+    train_net, compute_loss = net, None
     if config.freeze_backbone and config.cache_features > 0:
         # The frozen body runs once per cached view instead of every step: the loop trains the head
         # on stored features. Checkpoints and validation (whole images) still use the full model.
         from fcnseg.feature_cache import cached_head_training
 
         train_net, train_set = cached_head_training(model, train_set, config, device, ctx, progress=progress)
+        if not ctx.enabled:  # DDP must see the forward call to synchronise gradients: unfused there
+            compute_loss = functools.partial(train_net.loss, class_weights=class_weights,
+                                             reduction=config.loss_reduction)
 
     while state["global_step"] < total_steps:
         epoch = state["epoch"]
@@ -301,7 +305,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
             result = train_step(train_net, micro, optimizer, device=device, amp_dtype=amp_dtype, scaler=scaler,
                                 channels_last=config.channels_last, class_weights=class_weights,
                                 loss_reduction=config.loss_reduction,
-                                no_sync=train_net.no_sync if ctx.enabled else None)
+                                no_sync=train_net.no_sync if ctx.enabled else None, compute_loss=compute_loss)
             scheduler.step()
             state["step_in_epoch"] += 1
             state["global_step"] += 1

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 
+from fcnseg.cli.help_format import DefaultsHelpFormatter
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="make synthetic data, train, evaluate and predict, in minutes",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--epochs", type=int, default=12, help="training epochs over the synthetic train split")
     p.add_argument("--images", type=int, default=300, help="synthetic images to draw (80%% train, 20%% val)")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": "folder", "root": str(data_root), "model": "fcn_resnet18", "variant": "8s",
         "weights_backbone": "none", "crop": (height, width), "scale_range": (0.75, 1.25), "hflip": True,
         "batch_size": 8, "epochs": args.epochs, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4,
-        "schedule": "poly", "warmup_iters": 20, "workers": 1, "device": args.device, "seed": args.seed,
+        "schedule": "poly", "warmup_iters": 20, "device": args.device, "seed": args.seed,
         "out": str(out), "eval_every": 4,
     })
     result = train(config, progress=not args.no_progress)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+from fcnseg.cli.help_format import DefaultsHelpFormatter
 from fcnseg.config import parse_size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a checkpoint on whole images",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint written by fcnseg train")
     p.add_argument("--dataset", required=True, choices=("voc2012", "camvid", "folder"), help="dataset kind")
     p.add_argument("--root", required=True, help="dataset root folder")

@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train an FCN. Option precedence: built-in defaults (the recommended recipe) < --recipe < "
         "--config FILE < options given here. The resolved config is saved as RUN_DIR/config.yaml; "
         "checkpoints go to RUN_DIR/last.pt and RUN_DIR/best.pt. Under torchrun the same command trains with DDP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_options(p)
     p.set_defaults(func=run_train)
@@ -47,7 +47,8 @@ def add_config_options(p: argparse.ArgumentParser, *, run_dir: bool = True) -> N
     data.add_argument("--hflip", type=_bool, help=f"random horizontal flip (default {d.hflip})")
     data.add_argument("--color-jitter", type=float, help=f"colour jitter strength (default {d.color_jitter})")
     data.add_argument("--drop-small", type=_bool, help="drop images smaller than the crop, as the chapter does (default: pad them)")
-    data.add_argument("--workers", type=int, help=f"DataLoader workers (default {d.workers})")
+    data.add_argument("--workers", type=int, help=f"DataLoader workers (default {d.workers} on this machine: 0 with 2 cores or fewer, else half "
+                      "the cores, at most 4)")
     model = p.add_argument_group("model")
     model.add_argument("--model", help=f"fcn_resnet18, fcn_resnet34, fcn_resnet50, fcn_mobilenet_v2 (default {d.model})")
     model.add_argument("--variant", choices=CHOICES["variant"], help=f"default {d.variant}")

@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "`fcnseg train --config OUT/best.yaml`, and every trial to OUT/trials.json. The training options "
         "below set what every trial shares; a searched option given here (e.g. --lr 0.01) is fixed instead "
         "of searched. Needs Optuna: pip install 'fcnseg[tune]'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     search = p.add_argument_group("search")
     search.add_argument("--trials", type=int, default=20, help="finished trials wanted in the study, earlier runs included")

@@ -80,12 +80,16 @@ class FCN(nn.Module):
 
     def head(self, c8: torch.Tensor, c16: torch.Tensor, c32: torch.Tensor) -> torch.Tensor:
         """Scores and upsamplers on body features (padded size); used alone with cached features."""
+        return self.upsample_final(self.scores(c8, c16, c32))
+
+    def scores(self, c8: torch.Tensor, c16: torch.Tensor, c32: torch.Tensor) -> torch.Tensor:
+        """The class scores that enter the final upsampler: stride 32, 16 or 8 by variant."""
         score = self.score32(c32)
         if self.variant != "32s":
             score = self.upsample32to16(score) + self.score16(c16)
             if self.variant == "8s":
                 score = self.upsample16to8(score) + self.score8(c8)
-        return self.upsample_final(score)
+        return score
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:

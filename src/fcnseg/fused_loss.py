@@ -1,0 +1,132 @@
+"""The FCN's last upsampling and its per-pixel cross-entropy in one chunked pass.
+
+When only the head trains (a frozen body on cached features), the step is dominated by memory
+traffic around the full-resolution logits: the transposed convolution writes them, the loss reads
+them a few times, its backward writes their gradient, and the upsampler's backward reads it again,
+for 21 x H x W values per image that live only to be reduced to one number. This computes the same
+loss and the same gradients chunk by chunk over the upsampler's output cells, so each chunk of
+logits is made, turned into its loss and its gradient, and consumed by the two backward GEMMs while
+it is still in cache. It is the "fused linear cross-entropy" of large-vocabulary language models
+(Liger-Kernel, Apple's cut cross-entropy) applied to a transposed convolution; no library offers it
+for this layer, so it is written here against `torch` primitives.
+
+The gradients are computed in the forward pass (they need the logits, which are not kept) and
+scaled by the incoming gradient in the backward pass, so the loss must be the last operation
+before ``backward()``, as it is in a training step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fcnseg.models.upsample import TransposedConvUpsampler, low_precision_dtype, transposed_conv_as_conv_weight
+
+IGNORE_INDEX = 255
+# Output cells per chunk: 128 cells of a stride-32 upsampler with 21 classes are 11 MB of float32
+# logits, small enough to stay in this CPU's cache, large enough for efficient GEMMs.
+CELLS_PER_CHUNK = 128
+
+
+def upsample_cross_entropy(
+    score: torch.Tensor,
+    upsampler: TransposedConvUpsampler,
+    target: torch.Tensor,
+    *,
+    class_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """``segmentation_loss(upsampler(score)[..., :H, :W], target)`` without the full-size logits.
+
+    Args:
+        score: ``(N, C, h, w)`` class scores before the last upsampling.
+        upsampler: the model's learned final upsampler (stride s, so ``h * s >= H`` and
+            ``w * s >= W``); its weight receives the gradient.
+        target: ``(N, H, W)`` int64 class ids, ``ignore_index`` for void.
+        class_weights: optional ``(C,)`` per-class weights, as ``F.cross_entropy`` takes them.
+        reduction: "mean" over labelled pixels (weighted mean with class weights), or "d2l": the
+            sum over images of each image's mean pixel loss.
+        ignore_index: the void label.
+
+    Returns:
+        The loss, a float32 scalar; equal to the unfused computation up to float rounding.
+    """
+    if reduction not in ("mean", "d2l"):
+        raise ValueError(f"reduction must be 'mean' or 'd2l', got {reduction!r}")
+    if not upsampler.learnable:
+        raise ValueError("the fused loss is for a learned upsampler; a fixed one is cheap to run as it is")
+    n, c, h, w = score.shape
+    if target.shape[0] != n or target.shape[1] > h * upsampler.stride or target.shape[2] > w * upsampler.stride:
+        raise ValueError(f"target {tuple(target.shape)} does not fit the upsampled {n}x{h * upsampler.stride}x"
+                         f"{w * upsampler.stride} scores")
+    dtype = low_precision_dtype(score.device.type)
+    with torch.autocast(score.device.type, enabled=False):
+        return _UpsampleCrossEntropy.apply(score, upsampler.weight, target, upsampler.stride, class_weights,
+                                           reduction, ignore_index, dtype)
+
+
+class _UpsampleCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, score, weight, target, stride, class_weights, reduction, ignore_index, dtype):
+        n, c, h, w = score.shape
+        s, half = stride, stride // 2
+        height, width = target.shape[-2:]
+        matrix = transposed_conv_as_conv_weight(weight.detach().float(), s).to(dtype)  # (4C, s*s*C)
+        columns = F.unfold(score.detach().to(dtype), 2, padding=1)  # (N, 4C, cells)
+        columns = columns.transpose(1, 2).reshape(-1, 4 * c)  # rows: cells (n, y, x)
+        # The target on the upsampler's canvas (which starts half a stride before the image), in the
+        # GEMM's column order: one row of s*s pixels (r_y, r_x) per output cell.
+        canvas = torch.full((n, (h + 1) * s, (w + 1) * s), ignore_index, dtype=torch.long, device=score.device)
+        canvas[:, half:half + height, half:half + width] = target
+        cell_targets = canvas.view(n, h + 1, s, w + 1, s).permute(0, 1, 3, 2, 4).reshape(-1, s * s)
+        labelled = cell_targets != ignore_index
+        safe_targets = torch.where(labelled, cell_targets, 0)
+        pixel_weights = labelled.float()
+        if class_weights is not None:
+            pixel_weights = pixel_weights * class_weights.float()[safe_targets]
+        if reduction == "mean":
+            pixel_weights = pixel_weights / pixel_weights.sum().clamp(min=1e-12)
+        else:
+            per_image = labelled.view(n, -1).sum(1).clamp(min=1).float()
+            pixel_weights = pixel_weights / per_image.repeat_interleave((h + 1) * (w + 1)).unsqueeze(1)
+
+        loss = torch.zeros((), dtype=torch.float64, device=score.device)
+        grad_matrix = torch.zeros(matrix.shape, dtype=torch.float32, device=score.device)
+        grad_columns = torch.empty(columns.shape, dtype=torch.float32, device=score.device)
+        for start in range(0, columns.shape[0], CELLS_PER_CHUNK):
+            stop = start + CELLS_PER_CHUNK
+            block = columns[start:stop]
+            logits = (block @ matrix).view(-1, c)  # (cells * s * s, C): one pixel a row
+            targets = safe_targets[start:stop].reshape(-1, 1)
+            weights = pixel_weights[start:stop].reshape(-1, 1)
+            # softmax (in float32) once: the loss from its target entries, the gradient from all.
+            probs = torch.softmax(logits, dim=1, dtype=torch.float32)
+            nll = -torch.log(probs.gather(1, targets))
+            underflow = ~torch.isfinite(nll) | (nll > 60)  # a target probability near float32's floor
+            if bool(underflow.any()):
+                rows = underflow.squeeze(1)
+                exact = torch.log_softmax(logits[rows].float(), dim=1).gather(1, targets[rows])
+                nll[rows] = -exact
+            loss += (nll * weights).sum(dtype=torch.float64)
+            grad_logits = probs  # d loss / d logits = weight * (softmax - one_hot)
+            grad_logits.scatter_add_(1, targets, torch.full_like(weights, -1.0))
+            grad_logits.mul_(weights)
+            grad_logits = grad_logits.view(block.shape[0], -1).to(dtype)
+            grad_matrix += block.t() @ grad_logits  # bf16 products, summed over chunks in float32
+            grad_columns[start:stop] = grad_logits @ matrix.t()
+        ctx.save_for_backward(grad_matrix, grad_columns)
+        ctx.geometry = (n, c, h, w, s, score.dtype, weight.dtype)
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_matrix, grad_columns = ctx.saved_tensors
+        n, c, h, w, s, score_dtype, weight_dtype = ctx.geometry
+        grad_score = F.fold(grad_columns.view(n, -1, 4 * c).transpose(1, 2), (h, w), 2, padding=1)
+        # The inverse of transposed_conv_as_conv_weight's rearrangement.
+        grad_weight = grad_matrix.view(c, 2, 2, s, s, c).permute(0, 5, 1, 3, 2, 4).flip(2, 4).reshape(c, c, 2 * s, 2 * s)
+        return ((grad_score * grad_loss).to(score_dtype), (grad_weight * grad_loss).to(weight_dtype),
+                None, None, None, None, None, None)
+
+
+__all__ = ["upsample_cross_entropy"]

@@ -1,0 +1,81 @@
+"""The fused upsampler + cross-entropy against the unfused computation, done by torch's own layers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fcnseg import fused_loss
+from fcnseg.fused_loss import upsample_cross_entropy
+from fcnseg.models import upsample as upsample_module
+from fcnseg.models.upsample import TransposedConvUpsampler
+
+
+def reference_loss(score, weight, target, stride, class_weights, reduction):
+    """nn.ConvTranspose2d's functional form, cropped as FCN.forward crops, then F.cross_entropy."""
+    logits = F.conv_transpose2d(score, weight, stride=stride, padding=stride // 2)
+    logits = logits[..., : target.shape[1], : target.shape[2]]
+    if reduction == "mean":
+        return F.cross_entropy(logits, target, weight=class_weights, ignore_index=255)
+    per_pixel = F.cross_entropy(logits, target, weight=class_weights, ignore_index=255, reduction="none")
+    labelled = (target != 255).flatten(1).sum(1).clamp(min=1)
+    return (per_pixel.flatten(1).sum(1) / labelled).sum()
+
+
+@pytest.mark.parametrize("stride,grid,size", [(2, (3, 4), (6, 7)), (8, (2, 3), (13, 24)), (32, (2, 2), (50, 64))])
+@pytest.mark.parametrize("reduction", ["mean", "d2l"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_loss_and_gradients_equal_the_unfused_ones(monkeypatch, stride, grid, size, reduction, weighted):
+    monkeypatch.setattr(fused_loss, "CELLS_PER_CHUNK", 5)  # several chunks, the last one partial
+    torch.manual_seed(0)
+    classes = 4
+    up = TransposedConvUpsampler(classes, stride, "xavier")
+    score = torch.randn(2, classes, *grid, dtype=torch.float64).float().requires_grad_()
+    target = torch.randint(0, classes, (2, *size))
+    target[0, :2] = 255  # void rows
+    target[1, :, -1] = 255
+    class_weights = torch.rand(classes) + 0.5 if weighted else None
+
+    loss = upsample_cross_entropy(score, up, target, class_weights=class_weights, reduction=reduction)
+    grads = torch.autograd.grad(loss * 3.0, (score, up.weight))  # the incoming gradient scales both
+    expected = reference_loss(score, up.weight, target, stride, class_weights, reduction)
+    expected_grads = torch.autograd.grad(expected * 3.0, (score, up.weight))
+
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_ignores_an_all_void_image_in_d2l_reduction():
+    up = TransposedConvUpsampler(3, 4)
+    score = torch.randn(2, 3, 2, 2, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[1] = 255
+    loss = upsample_cross_entropy(score, up, target, reduction="d2l")
+    torch.testing.assert_close(loss, reference_loss(score, up.weight, target, 4, None, "d2l"))
+
+
+def test_fused_loss_under_native_bf16_autocast_stays_close(monkeypatch):
+    monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
+    torch.manual_seed(1)
+    up = TransposedConvUpsampler(5, 8, "xavier")
+    score = torch.randn(2, 5, 3, 4, requires_grad=True)
+    target = torch.randint(0, 5, (2, 24, 30))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = upsample_cross_entropy(score, up, target)
+    (grad_weight,) = torch.autograd.grad(loss, up.weight)
+    expected = reference_loss(score, up.weight, target, 8, None, "mean")
+    (expected_grad,) = torch.autograd.grad(expected, up.weight)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
+    assert torch.nn.functional.cosine_similarity(grad_weight.flatten(), expected_grad.flatten(), dim=0) > 0.99
+
+
+def test_fused_loss_refuses_what_it_cannot_compute():
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="learned upsampler"):
+        upsample_cross_entropy(torch.randn(1, 3, 2, 2), TransposedConvUpsampler(3, 4, "fixed"), target)
+    with pytest.raises(ValueError, match="does not fit"):
+        upsample_cross_entropy(torch.randn(1, 3, 1, 1), TransposedConvUpsampler(3, 4), target)
+    with pytest.raises(ValueError, match="reduction"):
+        upsample_cross_entropy(torch.randn(1, 3, 2, 2), TransposedConvUpsampler(3, 4), target, reduction="sum")
