@@ -79,3 +79,29 @@ def test_fused_loss_refuses_what_it_cannot_compute():
         upsample_cross_entropy(torch.randn(1, 3, 1, 1), TransposedConvUpsampler(3, 4), target)
     with pytest.raises(ValueError, match="reduction"):
         upsample_cross_entropy(torch.randn(1, 3, 2, 2), TransposedConvUpsampler(3, 4), target, reduction="sum")
+
+
+@pytest.mark.parametrize("variant", ["32s", "8s"])
+def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant):
+    from fcnseg import fcn_resnet18
+    from fcnseg.engine import segmentation_loss
+    from fcnseg.fused_loss import fcn_cross_entropy
+
+    torch.manual_seed(0)
+    model = fcn_resnet18(variant=variant, num_classes=3, weights_backbone=None, upsampler="xavier").eval()
+    if variant == "8s":  # the skip score layers start at zero; make them count
+        for layer in (model.score16, model.score8):
+            torch.nn.init.normal_(layer.weight, std=0.1)
+    image = torch.randn(2, 3, 67, 93)  # not a multiple of 32: padded, then cropped back
+    target = torch.randint(0, 3, (2, 67, 93))
+    target[:, :5] = 255
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    fused = fcn_cross_entropy(model, image, target, reduction="d2l")
+    fused_grads = torch.autograd.grad(fused, params)
+    plain = segmentation_loss(model(image), target, reduction="d2l")
+    plain_grads = torch.autograd.grad(plain, params)
+
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

@@ -1,9 +1,9 @@
 """The FCN's last upsampling and its per-pixel cross-entropy in one chunked pass.
 
-When only the head trains (a frozen body on cached features), the step is dominated by memory
-traffic around the full-resolution logits: the transposed convolution writes them, the loss reads
-them a few times, its backward writes their gradient, and the upsampler's backward reads it again,
-for 21 x H x W values per image that live only to be reduced to one number. This computes the same
+A training step spends much of its memory traffic around the full-resolution logits (and when only
+the head trains, on cached body features, most of its time): the transposed convolution writes
+them, the loss reads them a few times, its backward writes their gradient, and the upsampler's
+backward reads it again, for 21 x H x W values per image that live only to be reduced to one number. This computes the same
 loss and the same gradients chunk by chunk over the upsampler's output cells, so each chunk of
 logits is made, turned into its loss and its gradient, and consumed by the two backward GEMMs while
 it is still in cache. It is the "fused linear cross-entropy" of large-vocabulary language models
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fcnseg.models.fcn import FCN, OUTPUT_STRIDE, pad_to_multiple
 from fcnseg.models.upsample import TransposedConvUpsampler, low_precision_dtype, transposed_conv_as_conv_weight
 
 IGNORE_INDEX = 255
@@ -63,6 +64,37 @@ def upsample_cross_entropy(
     with torch.autocast(score.device.type, enabled=False):
         return _UpsampleCrossEntropy.apply(score, upsampler.weight, target, upsampler.stride, class_weights,
                                            reduction, ignore_index, dtype)
+
+
+def fcn_cross_entropy(
+    model: FCN,
+    image: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """``segmentation_loss(model(image), target)`` with the model's last upsampling fused into the loss.
+
+    The whole model trains as it would through ``model(image)`` (same modules, same BatchNorm
+    behaviour); only the final upsampler and the cross-entropy are computed by
+    `upsample_cross_entropy`. A fixed final upsampler runs unfused.
+
+    Args:
+        model: an `FCN`, not wrapped (DistributedDataParallel synchronises gradients through the
+            wrapper's forward call, which this bypasses).
+        image: ``(N, 3, H, W)`` normalised.
+        target: ``(N, H, W)`` int64.
+    """
+    from fcnseg.engine import segmentation_loss
+
+    if not model.upsample_final.learnable:
+        return segmentation_loss(model(image), target, class_weights=class_weights, reduction=reduction,
+                                 ignore_index=ignore_index)
+    c8, c16, c32 = model.backbone(pad_to_multiple(image, OUTPUT_STRIDE))
+    return upsample_cross_entropy(model.scores(c8, c16, c32), model.upsample_final, target,
+                                  class_weights=class_weights, reduction=reduction, ignore_index=ignore_index)
 
 
 class _UpsampleCrossEntropy(torch.autograd.Function):
@@ -129,4 +161,4 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-__all__ = ["upsample_cross_entropy"]
+__all__ = ["upsample_cross_entropy", "fcn_cross_entropy"]

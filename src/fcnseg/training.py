@@ -277,6 +277,11 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
     final_metrics = resumed_metrics
     started = time.perf_counter() - state["train_seconds"]
     train_net, compute_loss = net, None
+    if not ctx.enabled:  # DDP synchronises gradients through the wrapper's forward: unfused there
+        from fcnseg.fused_loss import fcn_cross_entropy
+
+        compute_loss = functools.partial(fcn_cross_entropy, model, class_weights=class_weights,
+                                         reduction=config.loss_reduction)
     if config.freeze_backbone and config.cache_features > 0:
         # The frozen body runs once per cached view instead of every step: the loop trains the head
         # on stored features. Checkpoints and validation (whole images) still use the full model.

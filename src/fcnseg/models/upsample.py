@@ -154,6 +154,7 @@ class TransposedConvUpsampler(nn.Module):
             nn.init.xavier_uniform_(weight)
         self.weight = nn.Parameter(weight, requires_grad=init != "fixed")
         self._separable_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._matrix_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def learnable(self) -> bool:
@@ -174,8 +175,20 @@ class TransposedConvUpsampler(nn.Module):
         # is several times slower than fp32, so there it stays in float32.
         dtype = low_precision_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            x = x.to(dtype)
-            return subpixel_conv(x, transposed_conv_as_conv_weight(self.weight.to(dtype), self.stride), self.stride)
+            return subpixel_conv(x.to(dtype), self._gemm_matrix(dtype), self.stride)
+
+    def _gemm_matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        # Rearranging the 64x64 kernels costs a quarter of the layer at batch 1, so without autograd
+        # (inference) the matrix is kept until the weight changes (its version counter moves).
+        if torch.is_grad_enabled():
+            self._matrix_cache = None
+            return transposed_conv_as_conv_weight(self.weight.to(dtype), self.stride)
+        key = (self.weight.data_ptr(), self.weight._version, dtype, self.weight.device)
+        if self._matrix_cache is None or self._matrix_cache[0] != key:
+            with torch.no_grad():
+                matrix = transposed_conv_as_conv_weight(self.weight.to(dtype), self.stride).contiguous()
+            self._matrix_cache = (key, matrix)
+        return self._matrix_cache[1]
 
     def _separable(self, x: torch.Tensor) -> torch.Tensor:
         # A frozen bilinear weight is diagonal over channels and separable in y and x, so the
@@ -198,7 +211,7 @@ class TransposedConvUpsampler(nn.Module):
         return (1 - torch.abs(torch.arange(k, dtype=torch.float64) - center) / factor).float()
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
-        self._separable_cache = None
+        self._separable_cache = self._matrix_cache = None
         super()._load_from_state_dict(*args, **kwargs)
         if not self.learnable and not torch.allclose(
             self.weight.detach().cpu(), bilinear_kernel(self.channels, self.channels, self.kernel_size), atol=1e-6
