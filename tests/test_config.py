@@ -50,3 +50,13 @@ def test_no_scale_option_turns_scaling_off():
     assert config_from_args(args).scale_range is None
     args = build_parser().parse_args(["train", "--root", "r", "--scale-range", "0.5", "1.5"])
     assert config_from_args(args).scale_range == (0.5, 1.5)
+
+
+@pytest.mark.parametrize("cores,workers", [(1, 0), (2, 0), (4, 2), (16, 4), (None, 0)])
+def test_loader_workers_default_to_none_on_two_cores(monkeypatch, cores, workers):
+    import fcnseg.config
+
+    monkeypatch.setattr(fcnseg.config.os, "cpu_count", lambda: cores)
+    assert fcnseg.config.default_workers() == workers
+    assert resolve_config({"root": "r"}).workers == workers
+    assert resolve_config({"root": "r", "workers": 3}).workers == 3

@@ -109,9 +109,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     out = tmp_path / "run"
     assert main(tiny_args(tiny_scenes, out, "--epochs", "1")) == 0
     before = (out / "last.pt").read_bytes()
-    import fcnseg.engine
+    import fcnseg.fused_loss
 
-    real_loss = fcnseg.engine.segmentation_loss
+    real_loss = fcnseg.fused_loss.fcn_cross_entropy  # the training loss of a single-process run
     calls = []
 
     def diverging_loss(*args, **kwargs):
@@ -119,7 +119,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(fcnseg.engine, "segmentation_loss", diverging_loss)
+    monkeypatch.setattr(fcnseg.fused_loss, "fcn_cross_entropy", diverging_loss)
     status = main(tiny_args(tiny_scenes, out, "--epochs", "2", "--resume"))
     assert status == 2 and len(calls) == 2
     err = capsys.readouterr().err

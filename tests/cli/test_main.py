@@ -38,3 +38,12 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):
     assert status == 2
     err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err and "nowhere" in err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "tune", "demo", "predict", "export"])
+def test_help_names_real_defaults_only(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrap argparse's line breaks
+    assert "default: None" not in text
+    assert "(default: None)" not in text
