@@ -99,3 +99,27 @@ def test_every_table_quick_through_subprocesses(tmp_path):
     whole = next(r for r in q5["rows"] if r["label"].startswith("MobileNetV2") and r["label"].endswith("one padded pass"))
     trained = json.loads((out / "runs" / "mobilenet_v2-imagenet-8s-bilinear" / "metrics.json").read_text())
     assert whole["metrics"]["miou"] == pytest.approx(trained["miou"], abs=1e-6)
+
+
+def test_prediction_grid_script_writes_one_png_of_camvid_examples(tmp_path):
+    import torch
+
+    from fcnseg import fcn_mobilenet_v2
+    from fcnseg.checkpoint import make_checkpoint, save_checkpoint
+    from fcnseg.data import build_dataset
+
+    root = require_shared("camvid")
+    classes = build_dataset("camvid", root, "val").classes
+    torch.manual_seed(0)
+    model = fcn_mobilenet_v2(variant="8s", num_classes=len(classes), weights_backbone=None)
+    checkpoint = save_checkpoint(make_checkpoint(model, classes=list(classes), colors=[(i * 20, 0, 0) for i in range(len(classes))]),
+                                 tmp_path / "model.pt")
+    import prediction_grid  # experiments/prediction_grid.py
+
+    out = tmp_path / "grid.png"
+    assert prediction_grid.main([str(checkpoint), "--dataset", "camvid", "--root", str(root), "--split", "val",
+                                 "--images", "0", "5", "--out", str(out), "--device", "cpu"]) == 0
+    from PIL import Image
+
+    with Image.open(out) as grid:
+        assert grid.width > grid.height / 2 and grid.height > 200  # two rows of three panels and a legend
