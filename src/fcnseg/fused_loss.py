@@ -61,6 +61,10 @@ def upsample_cross_entropy(
         raise ValueError(f"target {tuple(target.shape)} does not fit the upsampled {n}x{h * upsampler.stride}x"
                          f"{w * upsampler.stride} scores")
     dtype = low_precision_dtype(score.device.type)
+    if dtype == torch.float16:
+        # The gradients are made here, before GradScaler's scale reaches them in backward: per-pixel
+        # gradients of a mean over a million pixels would underflow float16, not bfloat16.
+        dtype = torch.float32
     with torch.autocast(score.device.type, enabled=False):
         return _UpsampleCrossEntropy.apply(score, upsampler.weight, target, upsampler.stride, class_weights,
                                            reduction, ignore_index, dtype)
