@@ -36,13 +36,7 @@ SIZES = ((64, 96), (67, 93))
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small forward passes are dominated by OpenMP hand-offs, which stall when the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint(tmp_path: Path, variant: str) -> Path:

@@ -56,13 +56,7 @@ def tiny_fcn(variant: str = "8s", seed: int = 0) -> FCN:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny forward passes are dominated by OpenMP hand-offs, which stall when the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

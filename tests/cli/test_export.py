@@ -13,13 +13,7 @@ from fcnseg.cli import main
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'fcnseg[export]')")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small forward passes are dominated by OpenMP hand-offs, which stall when the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

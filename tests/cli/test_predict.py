@@ -17,13 +17,7 @@ CLASSES = ["background", "thing", "stuff"]
 COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small forward passes are dominated by OpenMP hand-offs, which stall when the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
