@@ -101,13 +101,19 @@ def fcn_cross_entropy(
                                   class_weights=class_weights, reduction=reduction, ignore_index=ignore_index)
 
 
+def _class_major(matrix: torch.Tensor, c_out: int, stride: int) -> torch.Tensor:
+    """Reorders `transposed_conv_as_conv_weight`'s columns from (r_y, r_x, o) to (o, r_y, r_x)."""
+    s = stride
+    return matrix.view(-1, s, s, c_out).permute(0, 3, 1, 2).reshape(matrix.shape[0], c_out * s * s)
+
+
 class _UpsampleCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, score, weight, target, stride, class_weights, reduction, ignore_index, dtype):
         n, c, h, w = score.shape
         s, half = stride, stride // 2
         height, width = target.shape[-2:]
-        matrix = transposed_conv_as_conv_weight(weight.detach().float(), s).to(dtype)  # (4C, s*s*C)
+        matrix = _class_major(transposed_conv_as_conv_weight(weight.detach().float(), s), c, s).to(dtype)  # (4C, C*s*s)
         columns = F.unfold(score.detach().to(dtype), 2, padding=1)  # (N, 4C, cells)
         columns = columns.transpose(1, 2).reshape(-1, 4 * c)  # rows: cells (n, y, x)
         # The target on the upsampler's canvas (which starts half a stride before the image), in the
@@ -132,17 +138,19 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         for start in range(0, columns.shape[0], CELLS_PER_CHUNK):
             stop = start + CELLS_PER_CHUNK
             block = columns[start:stop]
-            logits = (block @ matrix).view(-1, c)  # (cells * s * s, C): one pixel a row
-            targets = safe_targets[start:stop].reshape(-1, 1)
-            weights = pixel_weights[start:stop].reshape(-1, 1)
+            # Columns are class-major (o, r_y, r_x), so the softmax runs over a strided class axis
+            # and vectorises across a cell's s*s pixels: twice as fast here as over rows of 21.
+            logits = (block @ matrix).view(-1, c, s * s)
+            targets = safe_targets[start:stop].view(-1, 1, s * s)
+            weights = pixel_weights[start:stop].view(-1, 1, s * s)
             # softmax (in float32) once: the loss from its target entries, the gradient from all.
-            probs = torch.softmax(logits, dim=1, dtype=torch.float32)
+            # Converting first: softmax(bf16, dtype=float32) measured 4x slower here than on float32.
+            probs = torch.softmax(logits.float(), dim=1)
             nll = -torch.log(probs.gather(1, targets))
             underflow = ~torch.isfinite(nll) | (nll > 60)  # a target probability near float32's floor
             if bool(underflow.any()):
-                rows = underflow.squeeze(1)
-                exact = torch.log_softmax(logits[rows].float(), dim=1).gather(1, targets[rows])
-                nll[rows] = -exact
+                exact = torch.log_softmax(logits.float(), dim=1).gather(1, targets)
+                nll = torch.where(underflow, -exact, nll)
             loss += (nll * weights).sum(dtype=torch.float64)
             grad_logits = probs  # d loss / d logits = weight * (softmax - one_hot)
             grad_logits.scatter_add_(1, targets, torch.full_like(weights, -1.0))
@@ -159,8 +167,9 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         grad_matrix, grad_columns = ctx.saved_tensors
         n, c, h, w, s, score_dtype, weight_dtype = ctx.geometry
         grad_score = F.fold(grad_columns.view(n, -1, 4 * c).transpose(1, 2), (h, w), 2, padding=1)
-        # The inverse of transposed_conv_as_conv_weight's rearrangement.
-        grad_weight = grad_matrix.view(c, 2, 2, s, s, c).permute(0, 5, 1, 3, 2, 4).flip(2, 4).reshape(c, c, 2 * s, 2 * s)
+        # The inverse of _class_major(transposed_conv_as_conv_weight(...)): (i, t_y, t_x, o, r_y, r_x)
+        # back to (i, o, t_y, r_y, t_x, r_x), kernel halves unflipped.
+        grad_weight = grad_matrix.view(c, 2, 2, c, s, s).permute(0, 3, 1, 4, 2, 5).flip(2, 4).reshape(c, c, 2 * s, 2 * s)
         return ((grad_score * grad_loss).to(score_dtype), (grad_weight * grad_loss).to(weight_dtype),
                 None, None, None, None, None, None)
 
