@@ -295,7 +295,8 @@ def _recipe_text(config: dict) -> str:
 
 
 def _trials_markdown(trials: list[dict]) -> str:
-    lines = ["Trials (mIoU at the trial budget; pruned trials show their last reported mIoU in brackets):", "",
+    lines = ["Trials (mIoU at the trial budget; a pruned trial shows the mIoU it was stopped at, a diverged one "
+             "scores 0):", "",
              "| trial | state | mIoU | lr | weight decay | batch | crop | schedule | train time |",
              "|---:|:---|---:|---:|---:|---:|:---|:---|---:|"]
     for t in sorted(trials, key=lambda t: t["number"]):
@@ -308,7 +309,8 @@ def _trials_markdown(trials: list[dict]) -> str:
             miou = "–"
         lr = f"{p['lr']:.3g}" if "lr" in p else "–"
         wd = f"{p['weight_decay']:.2g}" if "weight_decay" in p else "–"
-        lines.append(f"| {t['number']} | {t['state']} | {miou} | {lr} | {wd} | {p.get('batch_size', '–')} | "
+        state = "diverged (NaN loss)" if t.get("diverged") else t["state"]
+        lines.append(f"| {t['number']} | {state} | {miou} | {lr} | {wd} | {p.get('batch_size', '–')} | "
                      f"{p.get('crop', '–')} | {p.get('schedule', '–')} | {format_seconds(t.get('train_seconds'))} |")
     return "\n".join(lines)
 
