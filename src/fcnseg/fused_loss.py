@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fcnseg.engine import IGNORE_INDEX, segmentation_loss
 from fcnseg.models.fcn import FCN, OUTPUT_STRIDE, pad_to_multiple
 from fcnseg.models.upsample import TransposedConvUpsampler, low_precision_dtype, transposed_conv_as_conv_weight
 
-IGNORE_INDEX = 255
 # Output cells per chunk: 128 cells of a stride-32 upsampler with 21 classes are 11 MB of float32
 # logits, small enough to stay in this CPU's cache, large enough for efficient GEMMs.
 CELLS_PER_CHUNK = 128
@@ -91,8 +91,6 @@ def fcn_cross_entropy(
         image: ``(N, 3, H, W)`` normalised.
         target: ``(N, H, W)`` int64.
     """
-    from fcnseg.engine import segmentation_loss
-
     if not model.upsample_final.learnable:
         return segmentation_loss(model(image), target, class_weights=class_weights, reduction=reduction,
                                  ignore_index=ignore_index)
@@ -144,6 +142,7 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         probs_buffer = torch.empty((rows, c * s * s), dtype=torch.float32, device=score.device)
         grad_buffer = torch.empty_like(probs_buffer, dtype=dtype) if low_precision else probs_buffer
         grad_matrix_chunk = torch.empty(matrix.shape, dtype=dtype, device=score.device)
+        minus_ones = torch.full((rows, 1, s * s), -1.0, device=score.device)
         for start in range(0, columns.shape[0], CELLS_PER_CHUNK):
             stop = min(start + CELLS_PER_CHUNK, columns.shape[0])
             k = stop - start
@@ -167,7 +166,7 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                 nll = torch.where(underflow, -exact, nll)
             loss += (nll * weights).sum(dtype=torch.float64)
             # d loss / d logits = weight * (softmax - one_hot), made in place of the probabilities
-            probs.scatter_add_(1, targets, torch.full_like(weights, -1.0))
+            probs.scatter_add_(1, targets, minus_ones[:k])
             probs.mul_(weights)
             grad_logits = grad_buffer[:k]
             if low_precision:
