@@ -22,11 +22,12 @@ def reference_loss(score, weight, target, stride, class_weights, reduction):
     return (per_pixel.flatten(1).sum(1) / labelled).sum()
 
 
-@pytest.mark.parametrize("stride,grid,size", [(2, (3, 4), (6, 7)), (8, (2, 3), (13, 24)), (32, (2, 2), (50, 64))])
+@pytest.mark.parametrize("stride,grid,size", [(2, (3, 4), (6, 7)), (8, (2, 3), (13, 24)), (8, (4, 3), (13, 24)),
+                                              (32, (2, 2), (50, 64))])
 @pytest.mark.parametrize("reduction", ["mean", "d2l"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fused_loss_and_gradients_equal_the_unfused_ones(monkeypatch, stride, grid, size, reduction, weighted):
-    monkeypatch.setattr(fused_loss, "CELLS_PER_CHUNK", 5)  # several chunks, the last one partial
+    monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 7)  # several chunks, the last one partial
     torch.manual_seed(0)
     classes = 4
     up = TransposedConvUpsampler(classes, stride, "xavier")
@@ -44,6 +45,18 @@ def test_fused_loss_and_gradients_equal_the_unfused_ones(monkeypatch, stride, gr
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,cells,length", [(2, 4, 6), (2, 4, 5), (8, 3, 13), (8, 5, 13), (32, 11, 320), (32, 13, 375)])
+def test_cell_runs_cover_every_image_pixel_once(stride, cells, length):
+    covered = torch.zeros(cells * stride, dtype=torch.long)  # the upsampler's canvas along one axis
+    for first, stop, lo, hi in fused_loss._cell_runs(cells, stride, length):
+        for m in range(first, stop):
+            covered[m * stride + lo:m * stride + hi] += 1
+    half = stride // 2
+    expected = torch.zeros_like(covered)
+    expected[half:half + length] = 1  # the image starts half a stride into the canvas
+    assert torch.equal(covered, expected)
 
 
 def test_fused_loss_ignores_an_all_void_image_in_d2l_reduction():
