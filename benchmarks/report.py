@@ -109,7 +109,7 @@ def render(results: dict[str, Any], info: dict[str, Any], params: dict[str, Any]
 
     epoch = results.get("epoch", {})
     lines += _section("Frozen-backbone epoch", f"batch {params['epoch_batch']}, {h}x{w} crops")
-    lines += _epoch_table(epoch) + [_errors(epoch), ""]
+    lines += _epoch_table(epoch, bool(info.get("mkldnn_bf16"))) + [_errors(epoch), ""]
 
     up = results.get("upsampler", {})
     lines += _section("Upsampler share", "of the whole forward pass, inference")
@@ -236,8 +236,8 @@ def targets(results: dict[str, Any], params: dict[str, Any], info: dict[str, Any
         gemm_ms = 1e3 * 3 * up_gflop * params["epoch_batch"] / peak
         why = (f"what remains of a step ({step_ms:.0f} ms at batch {params['epoch_batch']}) is the head at full "
                f"resolution: the chapter's learned 21x21x64x64 transposed convolution, whose three GEMMs (forward and "
-               f"two backward, 3 x {up_gflop:.2f} GFLOP per image) alone take {gemm_ms:.0f} ms at the measured conv "
-               f"peak, and a softmax with its gradient over 21 x H x W values per image; 20x needs "
+               f"two backward, 3 x {up_gflop:.2f} GFLOP per image, counting only the pixels inside the image) alone "
+               f"take {gemm_ms:.0f} ms at the measured conv peak, and a softmax with its gradient over 21 x H x W values per image; 20x needs "
                f"{1e3 * base_epoch / 20 / steps:.0f} ms per step" + fixed_text if base_epoch else "")
     else:
         why = "not all of the epoch case ran"
@@ -335,7 +335,7 @@ def _infer_table(infer: dict[str, Any], configs: dict[str, str], params: dict[st
                    "image; the % of peak is of the fp32 peak, also for the bf16 rows."]
 
 
-def _epoch_table(epoch: dict[str, Any]) -> list[str]:
+def _epoch_table(epoch: dict[str, Any], native_bf16: bool) -> list[str]:
     base = epoch.get("baseline", {}).get("epoch_s")
     rows = ["| configuration | epoch s | x baseline | cache build s | cache MiB | x baseline over 5 epochs incl. build | peak RSS MiB |",
             "|---|---|---|---|---|---|---|"]
@@ -343,8 +343,11 @@ def _epoch_table(epoch: dict[str, Any]) -> list[str]:
         "baseline": "chapter's loop, body frozen (no grad, eval BatchNorm), data loading included",
         "uncached": "fcnseg, frozen body run every step",
         "cached": "fcnseg, cached features (1 view), learned upsampler as the chapter",
-        "cached-fused": "the same, the last upsampling fused with the loss (fcnseg.fused_loss)",
-        "cached-fused-bf16": "+ bf16 autocast: what `fcnseg train --freeze-backbone --cache-features` runs here",
+        "cached-fused": "the same, the last upsampling fused with the loss (fcnseg.fused_loss)"
+                        + ("" if native_bf16 else ": what `fcnseg train --freeze-backbone --cache-features` runs here"),
+        "cached-fused-bf16": "+ bf16 autocast" + (": what `fcnseg train --freeze-backbone --cache-features` runs here"
+                                                  if native_bf16 else " (emulated on this CPU, so the fused upsampler "
+                                                  "stays fp32 and `--amp auto` picks fp32)"),
         "cached-fixed": "fcnseg, cached features, upsampler=\"fixed\" (bilinear, not learned)",
     }
     for config, label in labels.items():

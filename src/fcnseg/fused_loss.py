@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fcnseg.engine import IGNORE_INDEX, segmentation_loss
 from fcnseg.models.fcn import FCN, OUTPUT_STRIDE, pad_to_multiple
-from fcnseg.models.upsample import TransposedConvUpsampler, low_precision_dtype, transposed_conv_as_conv_weight
+from fcnseg.models.upsample import TransposedConvUpsampler, low_precision_dtype
 
 # Pixels per chunk: 2**17 pixels of 21 classes are 11 MB of float32 logits, small enough to stay in
 # this CPU's cache, large enough for efficient GEMMs.
@@ -103,12 +103,6 @@ def fcn_cross_entropy(
                                   class_weights=class_weights, reduction=reduction, ignore_index=ignore_index)
 
 
-def _class_major(matrix: torch.Tensor, c_out: int, stride: int) -> torch.Tensor:
-    """Reorders `transposed_conv_as_conv_weight`'s columns from (r_y, r_x, o) to (o, r_y, r_x)."""
-    s = stride
-    return matrix.view(-1, s, s, c_out).permute(0, 3, 1, 2).reshape(matrix.shape[0], c_out * s * s)
-
-
 def _cell_runs(cells: int, stride: int, length: int) -> list[tuple[int, int, int, int]]:
     """The upsampler's output cells along one axis, as runs of half-cells that overlap the image alike.
 
@@ -147,8 +141,10 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         height, width = target.shape[-2:]
         device = score.device
         low_precision = dtype != torch.float32
-        matrix = _class_major(transposed_conv_as_conv_weight(weight.detach().float(), s), c, s).to(dtype)
-        matrix = matrix.view(4 * c, c, s, s)  # rows (i, t_y, t_x), columns (o, r_y, r_x)
+        # As `transposed_conv_as_conv_weight` explains, output cell m takes input m through kernel
+        # rows 0..s-1 and input m-1 through rows s..2s-1: flipping the kernel halves makes the taps
+        # (t_y, t_x) line up with F.unfold's 2x2 neighbourhoods. Axes (i, o, t_y, r_y, t_x, r_x).
+        taps = weight.detach().float().view(c, c, 2, s, 2, s).flip(2, 4)
         # Rows: one per output cell (y, x), its 2x2 neighbourhood of scores: (N, h+1, w+1, 4C).
         columns = F.unfold(score.detach().to(dtype), 2, padding=1).view(n, 4 * c, h + 1, w + 1).permute(0, 2, 3, 1)
 
@@ -162,15 +158,12 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         else:
             pixel_weights = pixel_weights / labelled.flatten(1).sum(1).clamp(min=1).float().view(n, 1, 1)
         # Targets and weights on the upsampler's canvas, one s x s block per output cell.
-        cell_targets = torch.zeros((n, (h + 1) * s, (w + 1) * s), dtype=torch.long, device=device)
-        cell_targets[:, half:half + height, half:half + width] = safe_targets
-        cell_weights = torch.zeros(cell_targets.shape, dtype=torch.float32, device=device)
-        cell_weights[:, half:half + height, half:half + width] = pixel_weights
-        cell_targets = cell_targets.view(n, h + 1, s, w + 1, s)
-        cell_weights = cell_weights.view(n, h + 1, s, w + 1, s)
+        margins = (half, (w + 1) * s - half - width, half, (h + 1) * s - half - height)
+        cell_targets = F.pad(safe_targets, margins).view(n, h + 1, s, w + 1, s)
+        cell_weights = F.pad(pixel_weights, margins).view(n, h + 1, s, w + 1, s)
 
         loss = torch.zeros((), dtype=torch.float64, device=device)
-        grad_matrix = torch.zeros(matrix.shape, dtype=torch.float32, device=device)
+        grad_taps = torch.zeros(taps.shape, dtype=torch.float32, device=device)
         grad_columns = torch.zeros((n, h + 1, w + 1, 4 * c), dtype=torch.float32, device=device)
         # Chunk buffers, reused: a fresh 11 MB tensor per operation costs more in page faults than
         # the softmax itself (measured 13 ms against 4 ms per chunk).
@@ -182,11 +175,15 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                 pixels = (y_hi - y_lo) * (x_hi - x_lo)
                 cells = (slice(None), slice(y_first, y_stop), slice(y_lo, y_hi), slice(x_first, x_stop),
                          slice(x_lo, x_hi))
-                # (cells, 4C) rows, (C, pixels) columns: only the pixels of these cells in the image.
+                # (cells, 4C) rows (i, t_y, t_x), (C, pixels) columns (o, r_y, r_x): only the pixels
+                # of these cells in the image. Class-major columns let every step of the softmax
+                # below run over a strided class axis and vectorise across pixels.
                 block_columns = columns[:, y_first:y_stop, x_first:x_stop].reshape(-1, 4 * c)
-                block_matrix = matrix[:, :, y_lo:y_hi, x_lo:x_hi].reshape(4 * c, c * pixels)
+                block_taps = taps[:, :, :, y_lo:y_hi, :, x_lo:x_hi]
+                block_matrix = block_taps.permute(0, 2, 4, 1, 3, 5).reshape(4 * c, c * pixels)
                 # The forward GEMM makes the logits in base 2, for exp2: 1.7x faster here than exp.
-                block_matrix_base2 = block_matrix * _LOG2_E
+                block_matrix_base2 = (block_matrix * _LOG2_E).to(dtype)
+                block_matrix = block_matrix.to(dtype)
                 # Each pixel's target logit: its flat position in a chunk, less the row's offset.
                 block_targets = (cell_targets[cells].permute(0, 1, 3, 2, 4).reshape(-1, pixels) * pixels
                                  + torch.arange(pixels, device=device))
@@ -210,9 +207,8 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                         flat_logits.copy_(low.view(-1))  # softmax on bf16 measured 4x slower here
                     else:
                         torch.mm(rows, block_matrix_base2, out=flat_logits.view(k, c * pixels))
-                    # Columns are class-major, so every step below runs over a strided class axis
-                    # and vectorises across pixels. Written out rather than torch.softmax and
-                    # gather/scatter along dim 1, which measured 2-3x slower on these shapes.
+                    # Written out rather than torch.softmax and gather/scatter along dim 1, which
+                    # measured 2-3x slower on these shapes.
                     logits = flat_logits.view(k, c, pixels)
                     logits.sub_(logits.amax(1, keepdim=True))
                     at_target = (block_targets[start:stop] + row_offsets[:k]).view(-1)
@@ -232,22 +228,21 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                     else:
                         block_grad_matrix.addmm_(grad_logits.t(), rows)
                     block_grad_columns[start:stop] = grad_logits @ block_matrix.t()
-                grad_matrix[:, :, y_lo:y_hi, x_lo:x_hi] += block_grad_matrix.t().reshape(
-                    4 * c, c, y_hi - y_lo, x_hi - x_lo)
+                # rows (o, r_y, r_x), columns (i, t_y, t_x), back to the taps' axes
+                grad_taps[:, :, :, y_lo:y_hi, :, x_lo:x_hi] += block_grad_matrix.view(
+                    c, y_hi - y_lo, x_hi - x_lo, c, 2, 2).permute(3, 0, 4, 1, 5, 2)
                 grad_columns[:, y_first:y_stop, x_first:x_stop] += block_grad_columns.view(
                     n, y_stop - y_first, x_stop - x_first, 4 * c)
-        ctx.save_for_backward(grad_matrix, grad_columns)
+        ctx.save_for_backward(grad_taps, grad_columns)
         ctx.geometry = (n, c, h, w, s, score.dtype, weight.dtype)
         return (loss * math.log(2)).float()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_matrix, grad_columns = ctx.saved_tensors
+        grad_taps, grad_columns = ctx.saved_tensors
         n, c, h, w, s, score_dtype, weight_dtype = ctx.geometry
         grad_score = F.fold(grad_columns.view(n, -1, 4 * c).transpose(1, 2), (h, w), 2, padding=1)
-        # The inverse of _class_major(transposed_conv_as_conv_weight(...)): (i, t_y, t_x, o, r_y, r_x)
-        # back to (i, o, t_y, r_y, t_x, r_x), kernel halves unflipped.
-        grad_weight = grad_matrix.view(c, 2, 2, c, s, s).permute(0, 3, 1, 4, 2, 5).flip(2, 4).reshape(c, c, 2 * s, 2 * s)
+        grad_weight = grad_taps.flip(2, 4).reshape(c, c, 2 * s, 2 * s)  # kernel halves unflipped
         return ((grad_score * grad_loss).to(score_dtype), (grad_weight * grad_loss).to(weight_dtype),
                 None, None, None, None, None, None)
 
