@@ -72,9 +72,15 @@ TRAIN_CONFIGS = {
     "fp32": "fcnseg train_step, fp32 NCHW, foreach SGD",
     "fp32-cl": "+ channels_last",
     "compile": "+ torch.compile of the model (inductor)",
+    "fp32-cl-fused": "channels_last + the last upsampling fused with the loss: the step `fcnseg train` runs on CPUs "
+                     "without native bf16",
     "bf16-cl": "channels_last + bf16 autocast (what `--amp auto` picks on CPUs with native bf16)",
-    "bf16-cl-fused": "+ the last upsampling fused with the loss: the step `fcnseg train` runs here",
+    "bf16-cl-fused": "+ the last upsampling fused with the loss: the step `fcnseg train` runs on CPUs with native bf16",
 }
+BF16_TRAIN = ("bf16-cl", "bf16-cl-fused")
+# Configurations measured only with bf16 (--bf16): emulated bf16 is several times slower than fp32, so
+# on CPUs without it they would add half an hour to a run and only show that.
+BF16_CONFIGS = {"infer": BF16_INFER, "train": BF16_TRAIN, "epoch": ("cached-fused-bf16",), "upsampler": ("fcnseg-bf16",)}
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -333,7 +339,7 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
                 runner = torch.compile(model, dynamic=False)
             model.train()
 
-            fused = (functools.partial(fcn_cross_entropy, model, reduction="d2l") if config.endswith("fused")
+            fused = (functools.partial(fcn_cross_entropy, model, reduction="d2l") if config.endswith("-fused")
                      else None)
 
             def step() -> None:
@@ -368,7 +374,7 @@ def scene_batches(params: dict[str, Any], count: int, batch: int, seed: int):
 
 def case_curve(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     """A short real fit on the scenes from the same weights and batches: the chapter's step against
-    fcnseg's fp32 and bf16 steps. It also leaves the baseline's fitted weights for the inference
+    fcnseg's fused fp32 and bf16 steps. It also leaves the baseline's fitted weights for the inference
     case, whose argmax agreement means more on a model that has learned something than on random
     weights, where most pixels are near-ties between classes."""
     import torch
@@ -387,6 +393,7 @@ def case_curve(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     optimizers = {name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=1e-3,
                                         foreach=True) for name, m in (("fp32", fp32), ("bf16", bf16))}
     losses: dict[str, list[float]] = {"baseline": [], "fcnseg": [], "fcnseg-bf16": []}
+    runs = (("fcnseg", "fp32", fp32, None),) + ((("fcnseg-bf16", "bf16", bf16, torch.bfloat16),) if params["bf16"] else ())
     for x, y in data:
         net.train()
         trainer.zero_grad()
@@ -394,10 +401,10 @@ def case_curve(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
         loss.sum().backward()
         trainer.step()
         losses["baseline"].append(float(loss.sum()))
-        for key, name, model, amp in (("fcnseg", "fp32", fp32, None), ("fcnseg-bf16", "bf16", bf16, torch.bfloat16)):
+        for key, name, model, amp in runs:
             model.train()
-            # bf16 takes the step `fcnseg train` takes: the last upsampling fused with the loss.
-            fused = functools.partial(fcn_cross_entropy, model, reduction="d2l") if amp is not None else None
+            # The step `fcnseg train` takes: the last upsampling fused with the loss.
+            fused = functools.partial(fcn_cross_entropy, model, reduction="d2l")
             result = train_step(model, [(x, y)], optimizers[name], device=torch.device("cpu"), channels_last=True,
                                 amp_dtype=amp, loss_reduction="d2l", compute_loss=fused)
             losses[key].append(result.loss)
@@ -408,10 +415,12 @@ def case_curve(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     workdir = Path(params["workdir"])
     torch.save(net.state_dict(), workdir / "fitted_baseline.pt")
     torch.save(scene_batches(params, 1, max(params["batches"]), seed=5)[0][0], workdir / "scene_images.pt")
-    return {**losses, "max_rel_diff": max(rel("fcnseg")), "max_rel_diff_bf16": max(rel("fcnseg-bf16")),
-            "mean_rel_diff": statistics.fmean(rel("fcnseg")),
-            "mean_rel_diff_bf16": statistics.fmean(rel("fcnseg-bf16")),
-            "final_rel_diff_bf16": rel("fcnseg-bf16")[-1], "batch": batch, "lr": lr, "peak_rss_mb": peak_rss_mb()}
+    result = {**losses, "max_rel_diff": max(rel("fcnseg")), "mean_rel_diff": statistics.fmean(rel("fcnseg")),
+              "batch": batch, "lr": lr, "peak_rss_mb": peak_rss_mb()}
+    if params["bf16"]:
+        result.update(max_rel_diff_bf16=max(rel("fcnseg-bf16")), mean_rel_diff_bf16=statistics.fmean(rel("fcnseg-bf16")),
+                      final_rel_diff_bf16=rel("fcnseg-bf16")[-1])
+    return result
 
 
 class VoidAsBackground:
@@ -649,6 +658,8 @@ def plan(params: dict[str, Any], only: set[str] | None, quick: bool) -> list[tup
     for name, configs in cases:
         if only and name not in only:
             continue
+        if not params["bf16"]:
+            configs = [c for c in configs if c not in BF16_CONFIGS.get(name, ())]
         if quick or name in ("machine", "curve", "sliding"):
             runs.append((name, configs))
         else:
@@ -665,6 +676,10 @@ def main(argv: list[str] | None = None) -> int:
                         "measures nothing and should not depend on how busy the machine is)")
     parser.add_argument("--only", help="comma-separated cases: " + ",".join(CASES))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
+    parser.add_argument("--bf16", choices=("auto", "always", "never"),
+                        help="measure the bf16 configurations: auto (the default) where the CPU has native bf16 "
+                        "(AVX-512 BF16 or AMX), always (also emulated, slowly: the default with --quick, which "
+                        "runs every code path), never")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--configs", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
@@ -686,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (None if args.quick else REPO / "docs" / "BENCHMARKS.md")
     started = time.perf_counter()
     info = machine_info(params["threads"])
+    bf16 = args.bf16 or ("always" if args.quick else "auto")
+    params["bf16"] = bf16 == "always" or (bf16 == "auto" and bool(info["mkldnn_bf16"]))
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fcnseg-bench-") as workdir:
         params["workdir"] = workdir

@@ -11,7 +11,7 @@ SECTIONS = ("Machine", "Peak", "FLOPs", "Inference", "Training step", "Loss curv
 # MIN_AGREEMENT with the fp32 argmax (inference) or the same loss curve (training).
 EXACT_INFER = ("fp32", "fp32-cl", "fp32-cl-fold", "fp32-cl-jit", "compile")
 BF16_INFER = ("bf16-cl", "bf16-cl-fold", "bf16-compile")
-EXACT_TRAIN = ("fp32", "fp32-cl", "compile")
+EXACT_TRAIN = ("fp32", "fp32-cl", "compile", "fp32-cl-fused")
 BF16_TRAIN = ("bf16-cl", "bf16-cl-fused")
 MIN_AGREEMENT = 0.99
 # "The same loss curve": the losses of the short fit within this mean relative distance of the
@@ -90,19 +90,27 @@ def render(results: dict[str, Any], info: dict[str, Any], params: dict[str, Any]
     curve = results.get("curve")
     lines += _section("Loss curve")
     if curve:
+        with_bf16 = "mean_rel_diff_bf16" in curve
         lines += [f"A short fit on the synthetic scenes: {len(curve['baseline'])} steps of batch {curve['batch']} "
                   f"({h}x{w} crops, SGD lr {curve['lr']:g}, weight decay 1e-3, the chapter's summed per-image mean "
-                  "loss) from the same weights and batches: the baseline's step against fcnseg's channels_last "
-                  "step in fp32 and its bf16-cl-fused step (bf16 autocast, last upsampling fused with the loss). "
-                  "The baseline's transposed-conv bias is frozen at zero here, as fcnseg's upsampler has none.", "",
-                  "| step | baseline | fcnseg fp32 | relative difference | fcnseg bf16 | relative difference |",
-                  "|---|---|---|---|---|---|"]
-        for i, (a, b, c) in enumerate(zip(curve["baseline"], curve["fcnseg"], curve["fcnseg-bf16"]), 1):
-            lines.append(f"| {i} | {a:.4f} | {b:.4f} | {abs(a - b) / abs(a):.1e} | {c:.4f} | {abs(a - c) / abs(a):.1e} |")
+                  "loss) from the same weights and batches: the baseline's step against the steps `fcnseg train` "
+                  "takes (channels_last, last upsampling fused with the loss): fp32-cl-fused" + (" and bf16-cl-fused (bf16 autocast)"
+                                    if with_bf16 else " (the bf16 step was not run: see --bf16)") + ". "
+                  "The baseline's transposed-conv bias is frozen at zero here, as fcnseg's upsampler has none.", ""]
+        if with_bf16:
+            lines += ["| step | baseline | fcnseg fp32 | relative difference | fcnseg bf16 | relative difference |",
+                      "|---|---|---|---|---|---|"]
+            for i, (a, b, c) in enumerate(zip(curve["baseline"], curve["fcnseg"], curve["fcnseg-bf16"]), 1):
+                lines.append(f"| {i} | {a:.4f} | {b:.4f} | {abs(a - b) / abs(a):.1e} | {c:.4f} | {abs(a - c) / abs(a):.1e} |")
+        else:
+            lines += ["| step | baseline | fcnseg fp32 | relative difference |", "|---|---|---|---|"]
+            for i, (a, b) in enumerate(zip(curve["baseline"], curve["fcnseg"]), 1):
+                lines.append(f"| {i} | {a:.4f} | {b:.4f} | {abs(a - b) / abs(a):.1e} |")
+        bf16_max = f", bf16 {curve['max_rel_diff_bf16']:.1e} (bf16 keeps 8 significant bits)" if with_bf16 else ""
+        bf16_mean = f", bf16 {curve['mean_rel_diff_bf16']:.1e}" if with_bf16 else ""
         lines += ["", f"Largest relative difference: fp32 {curve['max_rel_diff']:.1e} (float rounding of different "
-                  f"but equivalent computations, grown by the training dynamics), bf16 {curve['max_rel_diff_bf16']:.1e} "
-                  f"(bf16 keeps 8 significant bits). Mean relative difference: fp32 {curve['mean_rel_diff']:.1e}, bf16 "
-                  f"{curve['mean_rel_diff_bf16']:.1e}; \"the same loss curve\" is taken as a mean within "
+                  f"but equivalent computations, grown by the training dynamics){bf16_max}. Mean relative difference: "
+                  f"fp32 {curve['mean_rel_diff']:.1e}{bf16_mean}; \"the same loss curve\" is taken as a mean within "
                   f"{100 * MAX_CURVE_GAP:.0f}%.", ""]
     else:
         lines += [_failed(results, "curve"), ""]
@@ -183,7 +191,9 @@ def targets(results: dict[str, Any], params: dict[str, Any], info: dict[str, Any
     else:
         why = ("the bf16 body runs near the bf16 conv peak, and the fp32 baseline already runs at half the fp32 "
                "peak; the remaining time is memory-bound (the upsampler's output, BatchNorm and ReLU passes)")
-    if worst is None and best_any:  # measured, but no bf16 row kept the agreement at every batch size
+    if not best_any and base and not params.get("bf16", True):
+        out.append(f"**n/a** inference, bf16 route: not measured; {why} (`--bf16 always` measures it anyway)")
+    elif worst is None and best_any:  # measured, but no bf16 row kept the agreement at every batch size
         out.append(f"**MISS** inference, bf16 route: no configuration with {100 * MIN_AGREEMENT:.0f}% argmax agreement at "
                    f"every batch size (fastest regardless: {min(best_any)[0]:.2f}x). Why: {why}.")
     else:

@@ -25,7 +25,7 @@ def test_quick_benchmark_reports_every_section(tmp_path):
     assert "failed" not in text, text
     # Every measurement produced a row, and every target a verdict.
     for row in ("| baseline: chapter model", "| fp32-cl: + channels_last", "| bf16-cl: channels_last + bf16 autocast (the",
-                "| bf16-cl-fold:", "| fp32: fcnseg train_step", "| bf16-cl: channels_last + bf16 autocast (what", "| bf16-cl-fused:",
+                "| bf16-cl-fold:", "| fp32: fcnseg train_step", "| fp32-cl-fused:", "| bf16-cl: channels_last + bf16 autocast (what", "| bf16-cl-fused:",
                 "| cached: fcnseg, cached features", "| cached-fused-bf16:", "| fcnseg TransposedConvUpsampler (fp32",
                 "| fcnseg TransposedConvUpsampler (bf16", "| `predict_sliding`"):
         assert row in text, row
