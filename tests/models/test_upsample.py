@@ -60,6 +60,20 @@ def test_fast_upsampler_equals_conv_transpose2d(stride, init):
         torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("stride", [8, 32])
+def test_fast_upsampler_in_inference_follows_weight_updates(stride):
+    # Without autograd the GEMM matrices are cached; an in-place weight update must reach the output.
+    up = TransposedConvUpsampler(3, stride, "xavier")
+    ref = reference_transposed_conv(3, stride)
+    x = torch.randn(1, 3, 3, 5)
+    for _ in range(2):
+        ref.weight.data.copy_(up.weight.data)
+        with torch.inference_mode():
+            torch.testing.assert_close(up(x), ref(x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            up.weight.mul_(-0.5)
+
+
 def test_fast_upsampler_under_bf16_autocast_stays_float32_where_bf16_is_emulated(monkeypatch):
     monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: False)
     up = TransposedConvUpsampler(3, 32)
