@@ -138,6 +138,21 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
     return times
 
 
+def timed_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """`timed` for several functions in turn, round after round, so that a slow spell of a shared
+    machine lands on all of them alike (differences of a few percent are the point)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
@@ -575,9 +590,9 @@ def case_sliding(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
         with torch.inference_mode():
             model(torch.stack([image[0, :, y:y + h, x:x + w] for y, x in corners]))
 
-    sliding = median(timed(lambda: predict_sliding(model, image, window=window, batch_size=8), reps, warm))
-    batch = median(timed(plain, reps, warm))
-    whole = median(timed(lambda: predict_whole(model, image), reps, warm))
+    times = timed_interleaved({"sliding": lambda: predict_sliding(model, image, window=window, batch_size=8),
+                               "batch": plain, "whole": lambda: predict_whole(model, image)}, 2 * reps, warm)
+    sliding, batch, whole = (median(times[k]) for k in ("sliding", "batch", "whole"))
     n = len(corners)
     return {"windows": n, "sliding_s": sliding, "batch_s": batch, "whole_s": whole, "per_window_sliding_s": sliding / n,
             "per_window_batch_s": batch / n, "overhead": sliding / batch - 1, "image": [height, width],
