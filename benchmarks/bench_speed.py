@@ -1,6 +1,7 @@
 """Speed of fcnseg against the d2l chapter's FCN, measured in one run on this machine.
 
-    python benchmarks/bench_speed.py                  # full run (about 10 minutes), writes docs/BENCHMARKS.md
+    python benchmarks/bench_speed.py                  # full run (10-15 minutes), writes docs/BENCHMARKS.md
+    python benchmarks/bench_speed.py --rounds 3       # each configuration 3 times, round-robin: medians
     python benchmarks/bench_speed.py --quick          # tiny sizes, under a minute: a smoke test
     python benchmarks/bench_speed.py --only infer,train --out /tmp/b.md
 
@@ -151,6 +152,16 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: i
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def median_merge(results: list[Any]) -> Any:
+    """Several rounds' results of one case merged: numbers by their median, the rest from round one."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {key: median_merge([r[key] for r in results if isinstance(r, dict) and key in r]) for key in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(results)
+    return first
 
 
 def median(values: list[float]) -> float:
@@ -686,11 +697,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (< 60 s): a smoke test")
-    parser.add_argument("--out", help="markdown report (default docs/BENCHMARKS.md; with --quick, none unless given)")
+    parser.add_argument("--out", help="markdown report (default docs/BENCHMARKS.md, or docs/BENCHMARKS-no-native-bf16.md on a CPU without native bf16; with --quick, none unless given)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores; 1 with --quick, which "
                         "measures nothing and should not depend on how busy the machine is)")
     parser.add_argument("--only", help="comma-separated cases: " + ",".join(CASES))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, round-robin, and report medians (default 1)")
     parser.add_argument("--bf16", choices=("auto", "always", "never"),
                         help="measure the bf16 configurations: auto (the default) where the CPU has native bf16 "
                         "(AVX-512 BF16 or AMX), always (also emulated, slowly: the default with --quick, which "
@@ -713,11 +726,18 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) if args.only else None
     if only and not only <= set(CASES):
         parser.error(f"unknown case(s) {', '.join(sorted(only - set(CASES)))}; choose from {', '.join(CASES)}")
-    out = Path(args.out) if args.out else (None if args.quick else REPO / "docs" / "BENCHMARKS.md")
     started = time.perf_counter()
     info = machine_info(params["threads"])
     bf16 = args.bf16 or ("always" if args.quick else "auto")
     params["bf16"] = bf16 == "always" or (bf16 == "auto" and bool(info["mkldnn_bf16"]))
+    params["rounds"] = max(1, args.rounds)
+    # The targets were set for CPUs with native bf16; a run on another CPU gets a report of its own.
+    default_out = REPO / "docs" / ("BENCHMARKS.md" if info["mkldnn_bf16"] else "BENCHMARKS-no-native-bf16.md")
+    out = Path(args.out) if args.out else (None if args.quick else default_out)
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--out" in shown:  # where the report goes is not how it was measured
+        del shown[shown.index("--out"):shown.index("--out") + 2]
+    info["args"] = "".join(f" {a}" for a in shown if not a.startswith("--out="))
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fcnseg-bench-") as workdir:
         params["workdir"] = workdir
@@ -729,10 +749,19 @@ def main(argv: list[str] | None = None) -> int:
             batch = run_case("batch", ["-"], dict(params, runs=runs), timeout=120)
             outcomes = [(name, configs, batch.get(name, batch)) for name, configs in runs]
         else:
-            outcomes = []
-            for name, configs in runs:
+            # With --rounds N every timed configuration runs N times, round-robin, each in its own
+            # process, and the report takes the median over rounds: configurations compared in a
+            # ratio then share the machine's slow and fast spells (measured here: +-30% over minutes).
+            timed_runs = [r for r in runs if r[0] != "machine"]
+            schedule = [r for r in runs if r[0] == "machine"] + timed_runs * params["rounds"]
+            rounds: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
+            for name, configs in schedule:
                 print(f"[{time.perf_counter() - started:6.1f} s] {name}: {', '.join(configs)}", flush=True)
-                outcomes.append((name, configs, run_case(name, configs, params, timeout=600)))
+                rounds.setdefault((name, tuple(configs)), []).append(run_case(name, configs, params, timeout=600))
+            outcomes = []
+            for (name, configs), measured in rounds.items():
+                good = [m for m in measured if "error" not in m]
+                outcomes.append((name, list(configs), median_merge(good) if good else measured[0]))
         for name, configs, result in outcomes:
             if "error" in result:
                 print(f"    {name} failed: {result['error']}", flush=True)

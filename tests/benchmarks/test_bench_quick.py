@@ -37,3 +37,13 @@ def test_quick_benchmark_reports_every_section(tmp_path):
     assert match and float(match.group(1)) < 1e-4 and float(match.group(2)) < 0.05, match
     # The inference rows ran on the fitted weights and scene images, not on noise.
     assert "after the short fit" in text
+
+
+def test_rounds_merge_to_the_median_of_every_number():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_speed import median_merge
+
+    rounds = [{"a": {"ips": 3.0, "batches": {"1": {"s": 1.0}}}, "note": "x", "flag": True},
+              {"a": {"ips": 1.0, "batches": {"1": {"s": 5.0}}}, "note": "y", "flag": False},
+              {"a": {"ips": 2.0, "batches": {"1": {"s": 2.0}}}, "note": "z", "flag": False}]
+    assert median_merge(rounds) == {"a": {"ips": 2.0, "batches": {"1": {"s": 2.0}}}, "note": "x", "flag": True}
