@@ -4,15 +4,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench_speed import BF16_INFER, BF16_TRAIN  # the configurations are named there, beside their code
+
 SECTIONS = ("Machine", "Peak", "FLOPs", "Inference", "Training step", "Loss curve", "Frozen-backbone epoch",
             "Upsampler share", "Sliding window", "Targets")
 
 # Configurations that compute fp32 logits; the bf16 ones trade precision for speed and must keep
 # MIN_AGREEMENT with the fp32 argmax (inference) or the same loss curve (training).
 EXACT_INFER = ("fp32", "fp32-cl", "fp32-cl-fold", "fp32-cl-jit", "compile")
-BF16_INFER = ("bf16-cl", "bf16-cl-fold", "bf16-compile")
 EXACT_TRAIN = ("fp32", "fp32-cl", "compile", "fp32-cl-fused")
-BF16_TRAIN = ("bf16-cl", "bf16-cl-fused")
 MIN_AGREEMENT = 0.99
 # "The same loss curve": the losses of the short fit within this mean relative distance of the
 # baseline's. A mean, not a maximum: from step 3 on, fp32 rounding alone moves single steps by up to
