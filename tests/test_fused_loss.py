@@ -68,20 +68,26 @@ def test_fused_loss_ignores_an_all_void_image_in_d2l_reduction():
     torch.testing.assert_close(loss, reference_loss(score, up.weight, target, 4, None, "d2l"))
 
 
-def test_fused_loss_under_native_bf16_autocast_stays_close(monkeypatch):
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_fused_loss_under_native_bf16_autocast_stays_close(monkeypatch, chunks):
     monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
+    if chunks == "several":  # GEMM chunks of 3 rows of 16 pixels, each split into softmax chunks of one row
+        monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 16)
+        monkeypatch.setattr(fused_loss, "PIXELS_PER_GEMM", 56)
     torch.manual_seed(1)
     up = TransposedConvUpsampler(5, 8, "xavier")
     score = torch.randn(2, 5, 3, 4, requires_grad=True)
     target = torch.randint(0, 5, (2, 24, 30))
+    target[0, 3:9] = 255
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = upsample_cross_entropy(score, up, target)
-    (grad_weight,) = torch.autograd.grad(loss, up.weight)
+    grads = torch.autograd.grad(loss, (score, up.weight))
     expected = reference_loss(score, up.weight, target, 8, None, "mean")
-    (expected_grad,) = torch.autograd.grad(expected, up.weight)
+    expected_grads = torch.autograd.grad(expected, (score, up.weight))
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
-    assert torch.nn.functional.cosine_similarity(grad_weight.flatten(), expected_grad.flatten(), dim=0) > 0.99
+    for got, want in zip(grads, expected_grads):
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
 
 
 def test_fused_loss_refuses_what_it_cannot_compute():
@@ -118,3 +124,12 @@ def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     for got, want in zip(fused_grads, plain_grads):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,row_size,chunk_size", [(10, 80, 280), (8, 80, 280), (1200, 5376, 21 * 2**17),
+                                                     (7, 16, 7), (1, 5, 100), (100, 3, 299)])
+def test_chunks_fit_their_buffer_and_are_as_few_as_can_be(rows, row_size, chunk_size):
+    per_chunk = fused_loss._rows_per_chunk(rows, row_size, chunk_size)
+    fitting = max(1, chunk_size // row_size)  # rows that fit a buffer (always at least one)
+    assert 1 <= per_chunk <= fitting
+    assert -(-rows // per_chunk) == -(-rows // fitting)  # no more chunks than the fewest possible
