@@ -59,11 +59,12 @@ INFER_CONFIGS = {
     "baseline-as-written": "the same, recording autograd as the chapter's predict() does",
     "fp32": "fcnseg FCN-32s, fp32 NCHW, inference_mode",
     "fp32-cl": "+ channels_last",
-    "fp32-cl-fold": "+ BatchNorm folded into the convs (fuse_conv_bn_eval)",
+    "fp32-cl-fold": "+ BatchNorm folded into the convs: fcnseg's inference form, what `Segmenter`, `fcnseg predict` "
+                    "and `fcnseg eval` run",
     "fp32-cl-jit": "+ body traced, torch.jit.freeze + optimize_for_inference (oneDNN fusion)",
     "compile": "+ torch.compile (inductor, freezing)",
     "bf16-cl": "channels_last + bf16 autocast (the upsampler in bf16 too where bf16 is native)",
-    "bf16-cl-fold": "+ BatchNorm folded into the convs",
+    "bf16-cl-fold": "+ BatchNorm folded into the convs: what `Segmenter` and `fcnseg predict/eval --amp auto` run",
     "bf16-compile": "bf16 autocast + torch.compile (inductor, freezing)",
 }
 BF16_INFER = ("bf16-cl", "bf16-cl-fold", "bf16-compile")
@@ -168,25 +169,6 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def fold_batchnorm(module) -> None:
-    """Folds every BatchNorm2d that directly follows a Conv2d among a module's children (eval only).
-
-    In torchvision's ResNets each BatchNorm is registered right after the convolution it follows
-    in ``forward``, so folding pairs of adjacent children is exact for them.
-    """
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    names = list(module._modules)
-    for name in names:
-        fold_batchnorm(module._modules[name])
-    for a, b in zip(names, names[1:]):
-        conv, bn = module._modules[a], module._modules[b]
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            module._modules[a] = fuse_conv_bn_eval(conv, bn)
-            module._modules[b] = nn.Identity()
-
-
 def setup_process(params: dict[str, Any], *, fast_allocator: bool) -> None:
     import torch
 
@@ -245,6 +227,8 @@ def _infer_model(config: str, params: dict[str, Any]):
     """(model, seconds spent preparing it) for one inference configuration."""
     import torch
 
+    from fcnseg.models.inference_form import inference_form
+
     net, tv = build_baseline()
     fitted = Path(params["workdir"]) / "fitted_baseline.pt"
     if fitted.exists():  # the curve case's fit; the body modules are shared with `tv`
@@ -257,8 +241,8 @@ def _infer_model(config: str, params: dict[str, Any]):
         return model, 0.0
     model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    if config == "fp32-cl-fold":
-        fold_batchnorm(model.backbone)
+    if config in ("fp32-cl-fold", "bf16-cl-fold"):
+        model = inference_form(model, copy_model=False)
     elif config == "fp32-cl-jit":
         example = torch.randn(1, 3, *params["size"]).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
@@ -269,8 +253,6 @@ def _infer_model(config: str, params: dict[str, Any]):
 
         inductor_config.freezing = True  # constant-folds BatchNorm into prepacked oneDNN weights
         model = torch.compile(model, dynamic=False)
-    if config == "bf16-cl-fold":
-        fold_batchnorm(model.backbone)
     return model, time.perf_counter() - start
 
 

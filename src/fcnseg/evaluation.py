@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from fcnseg.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.engine import evaluate, resolve_amp_dtype
+from fcnseg.models.inference_form import inference_form
 from fcnseg.errors import FcnsegError
 from fcnseg.loaders import size_grouped_batches
 from fcnseg.metrics import ConfusionMatrix, SegmentationMetrics
@@ -67,7 +68,7 @@ def evaluate_checkpoint(
 
     device = torch.device(device)
     checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint).to(device)
+    model = inference_form(model_from_checkpoint(checkpoint), copy_model=False).to(device)
     dataset = build_dataset(dataset_name, root, split, transforms=eval_transforms(mean=tuple(checkpoint["mean"]), std=tuple(checkpoint["std"])))
     if list(dataset.classes) != list(checkpoint["classes"]):
         raise FcnsegError(

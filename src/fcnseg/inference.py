@@ -23,6 +23,7 @@ from torch import nn
 from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, model_from_checkpoint
 from fcnseg.devices import select_device
 from fcnseg.imageio import ImageLike, to_rgb_array
+from fcnseg.models.inference_form import inference_form
 
 Size = tuple[int, int]
 Mode = Literal["whole", "sliding"]
@@ -243,6 +244,9 @@ class Segmenter:
         batch_size: images (whole mode) or windows (sliding mode) per forward pass.
         dtype: autocast dtype (``torch.bfloat16``, ``torch.float16``) or None for float32.
         ignore_index: the void label of the training data (kept as metadata; never predicted).
+        optimize: predict with `fcnseg.models.inference_form` of the model (BatchNorm folded into
+            the convolutions, channels-last memory: the same logits up to float rounding, faster);
+            a copy, so ``model`` itself is left as it is. False uses ``model`` as given.
 
     Example:
         >>> segmenter = Segmenter.from_checkpoint("runs/voc/best.pt")
@@ -266,6 +270,7 @@ class Segmenter:
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
         ignore_index: int = 255,
+        optimize: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -274,7 +279,7 @@ class Segmenter:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = select_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = (inference_form(model) if optimize else model).to(self.device).eval()
         self.classes = list(classes)
         self.colors = [tuple(int(v) for v in c) for c in colors]
         self.mean = torch.tensor([float(m) for m in mean], device=self.device).view(3, 1, 1)
@@ -299,7 +304,8 @@ class Segmenter:
         Args:
             checkpoint: a path or an already loaded checkpoint dict.
             device: as in `Segmenter`.
-            **options: ``mode``, ``window``, ``stride``, ``flip``, ``batch_size``, ``dtype``.
+            **options: ``mode``, ``window``, ``stride``, ``flip``, ``batch_size``, ``dtype``,
+                ``optimize``.
 
         Raises:
             CheckpointError: missing, corrupt or foreign checkpoint.

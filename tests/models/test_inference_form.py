@@ -1,0 +1,54 @@
+"""The inference form (BatchNorm folded, channels-last) against the model as it was built."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fcnseg import build_model
+from fcnseg.models.inference_form import fold_batchnorm, inference_form
+
+
+def with_running_statistics(model: nn.Module) -> nn.Module:
+    """Random BatchNorm statistics and affine terms, so that folding them is not close to a no-op."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.2, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["fcn_resnet18", "fcn_resnet50", "fcn_mobilenet_v2"])
+def test_inference_form_computes_the_same_logits_without_batchnorm(name):
+    model = with_running_statistics(build_model(name, variant="8s", num_classes=3, weights_backbone=None))
+    for layer in (model.score16, model.score8):  # the skips start at zero; make them count
+        nn.init.normal_(layer.weight, std=0.1)
+    image = torch.randn(2, 3, 67, 93)
+    with torch.no_grad():
+        expected = model(image)
+        fast = inference_form(model)
+        got = fast(image)
+
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # every BatchNorm was folded
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is left as it was
+    # float rounding only, grown through up to 50 layers: a wrong fold would be off by the logits' own scale
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
+
+
+def test_fold_batchnorm_refuses_a_model_in_training_mode():
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_fold_batchnorm_leaves_a_batchnorm_that_follows_no_convolution():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    with_running_statistics(model)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+        fold_batchnorm(model)
+        got = model(x)
+    assert [type(m) for m in model] == [nn.ReLU, nn.BatchNorm2d, nn.Conv2d, nn.Identity]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
