@@ -3,10 +3,9 @@
 In eval mode a BatchNorm is a fixed per-channel affine map, so it can be merged into the weights
 and bias of the convolution before it (torch's ``fuse_conv_bn_eval``), which saves a pass over
 every feature map. Together with channels-last memory (oneDNN's preferred layout on CPUs, and
-tensor cores' on CUDA) this made whole-image prediction at batch 1 on a 2-core CPU 1.2x faster in
-fp32 and 1.3x under bf16 autocast (docs/BENCHMARKS.md, rows ``fp32``, ``fp32-cl-fold``,
-``bf16-cl`` and ``bf16-cl-fold``). The result is for inference only: folded weights no longer
-train as the original model does.
+tensor cores' on CUDA) this made fp32 whole-image prediction 1.2-1.3x faster than the model as
+built, at batch 1 and 8 on a 2-core CPU (docs/BENCHMARKS.md, rows ``fp32`` and ``fp32-cl-fold``).
+The result is for inference only: folded weights no longer train as the original model does.
 """
 from __future__ import annotations
 
