@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 
 from fcnseg.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.engine import evaluate, resolve_amp_dtype
-from fcnseg.models.inference_form import inference_form
 from fcnseg.errors import FcnsegError
 from fcnseg.loaders import size_grouped_batches
 from fcnseg.metrics import ConfusionMatrix, SegmentationMetrics
+from fcnseg.models.inference_form import inference_form
 
 
 @dataclass

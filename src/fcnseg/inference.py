@@ -244,9 +244,10 @@ class Segmenter:
         batch_size: images (whole mode) or windows (sliding mode) per forward pass.
         dtype: autocast dtype (``torch.bfloat16``, ``torch.float16``) or None for float32.
         ignore_index: the void label of the training data (kept as metadata; never predicted).
-        optimize: predict with `fcnseg.models.inference_form` of the model (BatchNorm folded into
-            the convolutions, channels-last memory: the same logits up to float rounding, faster);
-            a copy, so ``model`` itself is left as it is. False uses ``model`` as given.
+        optimize: predict with `fcnseg.models.inference_form` of an fcnseg FCN (BatchNorm folded
+            into the convolutions, channels-last memory: the same logits up to float rounding,
+            faster); a copy, so ``model`` itself is left as it is. False, or a model that is not an
+            fcnseg FCN, predicts with ``model`` as given.
 
     Example:
         >>> segmenter = Segmenter.from_checkpoint("runs/voc/best.pt")

@@ -52,3 +52,19 @@ def test_fold_batchnorm_leaves_a_batchnorm_that_follows_no_convolution():
         got = model(x)
     assert [type(m) for m in model] == [nn.ReLU, nn.BatchNorm2d, nn.Conv2d, nn.Identity]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_that_is_not_an_fcn_is_left_as_it_is():
+    # Registration order conv, conv, norm, norm: pairing by order would fold the wrong BatchNorm.
+    class Body(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+            self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+    body = with_running_statistics(Body())
+    assert inference_form(body) is body
+    assert isinstance(body.bn1, nn.BatchNorm2d) and isinstance(body.bn2, nn.BatchNorm2d)
