@@ -233,7 +233,8 @@ class Segmenter:
     """A model with its class metadata, predicting label maps for images of any size.
 
     Args:
-        model: the FCN (moved to ``device`` and put in eval mode).
+        model: the FCN. With ``optimize`` a copy of it is moved to ``device`` and put in eval mode;
+            otherwise the model itself is.
         classes: class names, index = class id.
         colors: one RGB triple per class.
         mean, std: the normalisation the model was trained with (per channel, on 0..1 values).
