@@ -311,7 +311,7 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     import torch
 
     from fcnseg.engine import train_step
-    from fcnseg.fused_loss import fcn_cross_entropy
+    from fcnseg.fused_loss import fcn_cross_entropy, to_channels_last
 
     results: dict[str, Any] = {}
     batch = params["train_batch"]
@@ -339,7 +339,7 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
             channels_last = config != "fp32"
             amp = torch.bfloat16 if config.startswith("bf16") else None
             if channels_last:
-                model.to(memory_format=torch.channels_last)
+                to_channels_last(model)
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                         weight_decay=1e-3, foreach=True)
             runner = model
@@ -388,14 +388,14 @@ def case_curve(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     import torch
 
     from fcnseg.engine import train_step
-    from fcnseg.fused_loss import fcn_cross_entropy
+    from fcnseg.fused_loss import fcn_cross_entropy, to_channels_last
 
     setup_process(params, fast_allocator=True)
     batch, steps, lr = params["curve_batch"], params["curve_steps"], params["curve_lr"]
     data = scene_batches(params, steps, batch, seed=3)
     net, tv = build_baseline()
-    fp32 = fcnseg_from_baseline(net, tv).to(memory_format=torch.channels_last)
-    bf16 = fcnseg_from_baseline(net, tv).to(memory_format=torch.channels_last)
+    fp32 = to_channels_last(fcnseg_from_baseline(net, tv))
+    bf16 = to_channels_last(fcnseg_from_baseline(net, tv))
     net.transpose_conv.bias.requires_grad_(False)  # stays zero: fcnseg's upsampler has no bias
     trainer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-3)
     optimizers = {name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=1e-3,
@@ -464,6 +464,7 @@ def case_epoch(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
 
     from fcnseg.engine import train_step
     from fcnseg.feature_cache import CachedFeatureHead, FeatureCache
+    from fcnseg.fused_loss import to_channels_last
     from fcnseg.loaders import SeededTransformDataset
 
     batch, crop = params["epoch_batch"], tuple(params["size"])
@@ -495,8 +496,7 @@ def case_epoch(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
         else:
             upsampler = "fixed" if config == "cached-fixed" else "bilinear"
             amp = torch.bfloat16 if "bf16" in config else None
-            model = fcnseg_from_baseline(net, tv, freeze_backbone=True, upsampler=upsampler)
-            model.to(memory_format=torch.channels_last)
+            model = to_channels_last(fcnseg_from_baseline(net, tv, freeze_backbone=True, upsampler=upsampler))
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                         weight_decay=1e-3, foreach=True)
             views = SeededTransformDataset(_epoch_dataset(params), VoidAsBackground(crop), seed=0)

@@ -133,3 +133,61 @@ def test_chunks_fit_their_buffer_and_are_as_few_as_can_be(rows, row_size, chunk_
     fitting = max(1, chunk_size // row_size)  # rows that fit a buffer (always at least one)
     assert 1 <= per_chunk <= fitting
     assert -(-rows // per_chunk) == -(-rows // fitting)  # no more chunks than the fewest possible
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_fused_loss_is_exact_for_logits_far_from_zero(monkeypatch, precision):
+    # Chunks whose exp2 sums leave the safe range are recomputed with the max shift; the others not.
+    monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 16)
+    monkeypatch.setattr(fused_loss, "PIXELS_PER_GEMM", 56)
+    verdicts = []
+    check = fused_loss._sums_in_safe_range
+    monkeypatch.setattr(fused_loss, "_sums_in_safe_range", lambda sums: verdicts.append(check(sums)) or verdicts[-1])
+    if precision == "bf16":
+        monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
+    torch.manual_seed(2)
+    up = TransposedConvUpsampler(5, 8, "xavier")
+    score = torch.randn(3, 5, 3, 4)
+    score[0] *= 80  # logits of several hundred: exp2 overflows float32 unshifted
+    score[1] = score[1] * 0.5 - 150  # every class far below zero: exp2 underflows unshifted
+    score.requires_grad_()
+    target = torch.randint(0, 5, (3, 24, 30))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = upsample_cross_entropy(score, up, target)
+    grads = torch.autograd.grad(loss, (score, up.weight))
+    expected = reference_loss(score, up.weight, target, 8, None, "mean")
+    expected_grads = torch.autograd.grad(expected, (score, up.weight))
+
+    assert False in verdicts and True in verdicts
+    assert torch.isfinite(loss)
+    if precision == "float32":
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    else:
+        torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
+        for got, want in zip(grads, expected_grads):
+            assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+
+
+def test_fused_loss_is_nan_when_a_score_is():
+    up = TransposedConvUpsampler(3, 4)
+    score = torch.randn(1, 3, 2, 2)
+    score[0, 1, 0, 0] = float("nan")
+    loss = upsample_cross_entropy(score.requires_grad_(), up, torch.zeros(1, 8, 8, dtype=torch.long))
+    assert torch.isnan(loss)
+
+
+def test_to_channels_last_keeps_the_fused_upsampler_kernel_contiguous():
+    from fcnseg import fcn_resnet18
+    from fcnseg.fused_loss import to_channels_last
+
+    model = fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None)
+    wrapper = torch.nn.ModuleDict({"fcn": model})  # found inside other modules too
+    assert to_channels_last(wrapper) is wrapper
+    assert model.upsample_final.weight.is_contiguous()
+    skip_upsampler = model.upsample32to16.weight  # not fused: channels-last like the rest
+    assert skip_upsampler.is_contiguous(memory_format=torch.channels_last) and not skip_upsampler.is_contiguous()
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                         and not m.weight.is_contiguous() for m in convs)

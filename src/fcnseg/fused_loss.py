@@ -34,6 +34,8 @@ PIXELS_PER_CHUNK = 2**17
 PIXELS_PER_GEMM = 2**19
 _LOG2_E = 1 / math.log(2)
 _TAPS = ((0, 0), (0, 1), (1, 0), (1, 1))
+# Sums of unshifted exp2 within which the softmax is computed without the max shift.
+_SAFE_SUM_MIN, _SAFE_SUM_MAX = 2.0**-64, 2.0**64
 
 
 def upsample_cross_entropy(
@@ -107,6 +109,21 @@ def fcn_cross_entropy(
                                   class_weights=class_weights, reduction=reduction, ignore_index=ignore_index)
 
 
+def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.to(memory_format=torch.channels_last)``, except each FCN's learned final upsampler.
+
+    Channels-last memory speeds up oneDNN's convolutions in the body and heads. The fused loss
+    instead reads the final upsampler's kernel in tiles of its two spatial axes, which a
+    channels-last kernel would turn into transposing copies (4% of a cached bf16 step here), so
+    that kernel stays contiguous. Returns ``model``, changed in place.
+    """
+    model.to(memory_format=torch.channels_last)
+    for module in model.modules():
+        if isinstance(module, FCN) and module.upsample_final.learnable:
+            module.upsample_final.to(memory_format=torch.contiguous_format)
+    return model
+
+
 def _cell_runs(cells: int, stride: int, length: int) -> list[tuple[int, int, int, int]]:
     """The upsampler's output cells along one axis, as runs of half-cells that overlap the image alike.
 
@@ -152,6 +169,16 @@ def _run_pixels(image: torch.Tensor, runs: tuple[tuple[int, int, int, int], ...]
     return view.permute(0, 1, 3, 2, 4).reshape(-1, (y_hi - y_lo) * (x_hi - x_lo))
 
 
+def _sums_in_safe_range(sums: torch.Tensor) -> bool:
+    """Whether unshifted exp2 sums allow an exact-to-rounding softmax and loss (False for NaN).
+
+    Below 2**-64 a pixel's largest exp2 is close enough to float32's subnormals to lose digits;
+    above 2**64 a pixel weight divided by the sum (down to about 2**-40) may become subnormal.
+    """
+    smallest, largest = sums.aminmax()
+    return bool(smallest >= _SAFE_SUM_MIN) and bool(largest <= _SAFE_SUM_MAX)
+
+
 def _rows_per_chunk(rows: int, row_size: int, chunk_size: int) -> int:
     """Rows per chunk for chunks of at most ``chunk_size`` values (and one row at least), as equal as can be."""
     chunks = math.ceil(rows / max(1, chunk_size // row_size))
@@ -179,7 +206,7 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
 
         labelled = target != ignore_index
         # int32 positions: index_select and index_add_ take them, with half the memory traffic.
-        safe_targets = torch.where(labelled, target, 0).to(torch.int32)
+        safe_targets = torch.where(labelled, target.to(torch.int32), 0)
         pixel_weights = labelled_float = labelled.float()
         if class_weights is not None:
             pixel_weights = pixel_weights * class_weights.float()[safe_targets.long()]
@@ -201,6 +228,12 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         gemm_size = max(PIXELS_PER_GEMM * c, softmax_size) if low_precision else softmax_size
         logits_buffer = torch.empty(softmax_size, dtype=torch.float32, device=device)
         low_buffer = torch.empty(gemm_size, dtype=dtype, device=device) if low_precision else None
+        # The softmax is shift-invariant; shifting by each pixel's largest logit only keeps exp2 in
+        # float32's range. On CPU the shift is two of the softmax's eight passes over the logits
+        # (6% of a cached step here), so it is skipped and the chunk recomputed with it only when
+        # the sums leave a range where nothing overflows or loses precision. Elsewhere checking
+        # would synchronise with the device once per chunk, which costs more than the passes.
+        skip_shift = device.type == "cpu"
         for y_first, y_stop, y_lo, y_hi in _cell_runs(h + 1, s, height):
             for x_first, x_stop, x_lo, x_hi in _cell_runs(w + 1, s, width):
                 pixels = (y_hi - y_lo) * (x_hi - x_lo)
@@ -220,13 +253,18 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                 block_weights = _run_pixels(pixel_weights, runs, s)
                 # The weight's gradient as the faster GEMM makes it here: (4C, C * pixels) in bf16,
                 # transposed (C * pixels, 4C) in float32 (1.4-1.7x faster than the other way round).
-                grad_shape = (4 * c, c * pixels) if low_precision else (c * pixels, 4 * c)
-                block_grad_matrix = torch.zeros(grad_shape, dtype=torch.float32, device=device)
-                block_grad_columns = torch.empty(block_columns.shape, dtype=torch.float32, device=device)
+                # With one GEMM chunk, the products are the block's gradients as they come.
+                block_grad_matrix = None
                 total_rows = block_columns.shape[0]
                 gemm_rows = _rows_per_chunk(total_rows, c * pixels, gemm_size)
+                single_gemm = gemm_rows >= total_rows
+                block_grad_columns = None if single_gemm else torch.empty(
+                    block_columns.shape, dtype=torch.float32, device=device)
                 softmax_rows = _rows_per_chunk(gemm_rows, c * pixels, softmax_size)
                 row_offsets = torch.arange(softmax_rows, dtype=torch.int32, device=device).unsqueeze(1) * (c * pixels)
+                # Each pixel's exp2 sum and target logit, kept for the loss, computed once per block.
+                block_sums = torch.empty((total_rows, pixels), dtype=torch.float32, device=device)
+                block_target_logits = torch.empty((total_rows, pixels), dtype=torch.float32, device=device)
                 for gemm_start in range(0, total_rows, gemm_rows):
                     gemm_stop = min(gemm_start + gemm_rows, total_rows)
                     rows = block_columns[gemm_start:gemm_stop]
@@ -244,33 +282,58 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                         # Written out rather than torch.softmax and gather/scatter along dim 1, which
                         # measured 2-3x slower on these shapes.
                         logits = flat_logits.view(k, c, pixels)
-                        logits.sub_(logits.amax(1, keepdim=True))
                         at_target = (block_targets[start:stop] + row_offsets[:k]).view(-1)
-                        target_logits = flat_logits.index_select(0, at_target).view(k, pixels)
-                        logits.exp2_()
-                        sums = logits.sum(1)
+                        target_logits, sums = block_target_logits[start:stop], block_sums[start:stop]
+                        torch.index_select(flat_logits, 0, at_target, out=target_logits.view(-1))
+                        shift_needed = not skip_shift
+                        if skip_shift:
+                            logits.exp2_()
+                            torch.sum(logits, 1, out=sums)
+                            if not _sums_in_safe_range(sums):
+                                # Recompute this chunk's logits and take the shifted path.
+                                if low_precision:
+                                    flat_logits.copy_(chunk)
+                                else:
+                                    torch.mm(block_columns_base2[start:stop], block_matrix, out=chunk.view(k, -1))
+                                shift_needed = True
+                        if shift_needed:
+                            shift = logits.amax(1, keepdim=True)
+                            logits.sub_(shift)
+                            target_logits.sub_(shift.view(k, pixels))
+                            logits.exp2_()
+                            torch.sum(logits, 1, out=sums)
                         weights = block_weights[start:stop]
-                        loss += ((sums.log2() - target_logits) * weights).sum(dtype=torch.float64)  # in bits
                         # d loss / d logits = weight * (softmax - one_hot), made in place of the logits
                         logits.mul_((weights / sums).unsqueeze(1))
                         flat_logits.index_add_(0, at_target, weights.reshape(-1), alpha=-1)
                         if low_precision:
                             chunk.copy_(flat_logits)
                     grad_logits = gemm_logits.view(-1, c * pixels)
-                    if low_precision:
-                        block_grad_matrix += rows.t() @ grad_logits  # bf16 products, summed in float32
+                    if block_grad_matrix is not None:
+                        if low_precision:
+                            block_grad_matrix += rows.t() @ grad_logits  # bf16 products, summed in float32
+                        else:
+                            block_grad_matrix.addmm_(grad_logits.t(), rows)
+                    elif low_precision:
+                        block_grad_matrix = rows.t() @ grad_logits
+                        block_grad_matrix = block_grad_matrix if single_gemm else block_grad_matrix.float()
                     else:
-                        block_grad_matrix.addmm_(grad_logits.t(), rows)
-                    block_grad_columns[gemm_start:gemm_stop] = grad_logits @ block_matrix.t()
+                        block_grad_matrix = grad_logits.t() @ rows
+                    if single_gemm:
+                        block_grad_columns = grad_logits @ block_matrix.t()
+                    else:
+                        block_grad_columns[gemm_start:gemm_stop] = grad_logits @ block_matrix.t()
+                loss += ((block_sums.log2_() - block_target_logits) * block_weights).sum(dtype=torch.float64)  # in bits
                 # axes (i, t_y, t_x) and (o, r_y, r_x), back to the kernel's
                 if low_precision:
                     grad_parts = block_grad_matrix.view(c, 2, 2, c, y_hi - y_lo, x_hi - x_lo)
                 else:
                     grad_parts = block_grad_matrix.view(c, y_hi - y_lo, x_hi - x_lo, c, 2, 2).permute(3, 4, 5, 0, 1, 2)
+                # add_ rather than +=, which would copy each slice onto itself afterwards
                 for t_y, t_x in _TAPS:
-                    grad_kernel[:, :, 1 - t_y, y_lo:y_hi, 1 - t_x, x_lo:x_hi] += grad_parts[:, t_y, t_x]
-                grad_columns[:, y_first:y_stop, x_first:x_stop] += block_grad_columns.view(
-                    n, y_stop - y_first, x_stop - x_first, 4 * c)
+                    grad_kernel[:, :, 1 - t_y, y_lo:y_hi, 1 - t_x, x_lo:x_hi].add_(grad_parts[:, t_y, t_x])
+                grad_columns[:, y_first:y_stop, x_first:x_stop].add_(block_grad_columns.view(
+                    n, y_stop - y_first, x_stop - x_first, 4 * c))
         ctx.save_for_backward(grad_kernel, grad_columns)
         ctx.geometry = (n, c, h, w, s, score.dtype, weight.dtype)
         return (loss * math.log(2)).float()
@@ -285,4 +348,4 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-__all__ = ["upsample_cross_entropy", "fcn_cross_entropy"]
+__all__ = ["upsample_cross_entropy", "fcn_cross_entropy", "to_channels_last"]

@@ -28,6 +28,7 @@ from fcnseg.devices import select_device
 from fcnseg.distributed import DistributedContext, all_reduce_mean, barrier, cleanup_distributed, setup_distributed
 from fcnseg.engine import TrainingDiverged, evaluate, median_frequency_weights, resolve_amp_dtype, train_step
 from fcnseg.errors import CheckpointError, FcnsegError
+from fcnseg.fused_loss import to_channels_last
 from fcnseg.loaders import ResumableSampler, SeededTransformDataset, size_grouped_batches
 from fcnseg.metrics import format_metrics_table
 from fcnseg.models import build_model
@@ -202,7 +203,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
     )
     model.to(device)
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     net = model
     if ctx.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
