@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcnseg import fused_loss
+from fcnseg import fused_loss, native
 from fcnseg.fused_loss import upsample_cross_entropy
 from fcnseg.models import upsample as upsample_module
 from fcnseg.models.upsample import TransposedConvUpsampler
@@ -68,9 +68,19 @@ def test_fused_loss_ignores_an_all_void_image_in_d2l_reduction():
     torch.testing.assert_close(loss, reference_loss(score, up.weight, target, 4, None, "d2l"))
 
 
+def use_softmax(monkeypatch, softmax: str) -> None:
+    """Runs the bf16 path's softmax as the compiled kernel (skipping where it cannot be built) or eagerly."""
+    if softmax == "eager":
+        monkeypatch.setattr(fused_loss, "softmax_grad_kernel", lambda: None)
+    elif native.native_unavailable_reason() is not None:
+        pytest.skip(f"compiled softmax kernel: {native.native_unavailable_reason()}")
+
+
+@pytest.mark.parametrize("softmax", ["kernel", "eager"])
 @pytest.mark.parametrize("chunks", ["one", "several"])
-def test_fused_loss_under_native_bf16_autocast_stays_close(monkeypatch, chunks):
+def test_fused_loss_under_native_bf16_autocast_stays_close(monkeypatch, chunks, softmax):
     monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
+    use_softmax(monkeypatch, softmax)
     if chunks == "several":  # GEMM chunks of 3 rows of 16 pixels, each split into softmax chunks of one row
         monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 16)
         monkeypatch.setattr(fused_loss, "PIXELS_PER_GEMM", 56)
@@ -135,16 +145,18 @@ def test_chunks_fit_their_buffer_and_are_as_few_as_can_be(rows, row_size, chunk_
     assert -(-rows // per_chunk) == -(-rows // fitting)  # no more chunks than the fewest possible
 
 
-@pytest.mark.parametrize("precision", ["float32", "bf16"])
+@pytest.mark.parametrize("precision", ["float32", "bf16-eager", "bf16-kernel"])
 def test_fused_loss_is_exact_for_logits_far_from_zero(monkeypatch, precision):
-    # Chunks whose exp2 sums leave the safe range are recomputed with the max shift; the others not.
+    # Eager: chunks whose exp2 sums leave the safe range are recomputed with the max shift, the
+    # others not; the kernel always shifts.
     monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 16)
     monkeypatch.setattr(fused_loss, "PIXELS_PER_GEMM", 56)
     verdicts = []
     check = fused_loss._sums_in_safe_range
     monkeypatch.setattr(fused_loss, "_sums_in_safe_range", lambda sums: verdicts.append(check(sums)) or verdicts[-1])
-    if precision == "bf16":
+    if precision != "float32":
         monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
+        use_softmax(monkeypatch, precision.split("-")[1])
     torch.manual_seed(2)
     up = TransposedConvUpsampler(5, 8, "xavier")
     score = torch.randn(3, 5, 3, 4)
@@ -152,13 +164,13 @@ def test_fused_loss_is_exact_for_logits_far_from_zero(monkeypatch, precision):
     score[1] = score[1] * 0.5 - 150  # every class far below zero: exp2 underflows unshifted
     score.requires_grad_()
     target = torch.randint(0, 5, (3, 24, 30))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
         loss = upsample_cross_entropy(score, up, target)
     grads = torch.autograd.grad(loss, (score, up.weight))
     expected = reference_loss(score, up.weight, target, 8, None, "mean")
     expected_grads = torch.autograd.grad(expected, (score, up.weight))
 
-    assert False in verdicts and True in verdicts
+    assert (False in verdicts and True in verdicts) if precision != "bf16-kernel" else not verdicts
     assert torch.isfinite(loss)
     if precision == "float32":
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
