@@ -306,6 +306,7 @@ def _machine(info: dict[str, Any]) -> list[str]:
         f"| CPU | {info['cpu']} ({info['cores']} logical cores) |",
         f"| flags | {flags} |",
         f"| native bf16 (oneDNN) | {'yes' if info['mkldnn_bf16'] else 'no'} |",
+        f"| fused loss's bf16 softmax | {info.get('softmax_kernel', 'not recorded')} |",
         f"| torch threads | {info['threads']} |",
         f"| torch / Python | {info['torch']} / {info['python']} |",
         f"| date | {info['date']} |",
@@ -356,7 +357,8 @@ def _epoch_table(epoch: dict[str, Any], native_bf16: bool) -> list[str]:
         "cached": "fcnseg, cached features (1 view), learned upsampler as the chapter",
         "cached-fused": "the same, the last upsampling fused with the loss (fcnseg.fused_loss)"
                         + ("" if native_bf16 else ": what `fcnseg train --freeze-backbone --cache-features` runs here"),
-        "cached-fused-bf16": "+ bf16 autocast" + (": what `fcnseg train --freeze-backbone --cache-features` runs here"
+        "cached-fused-bf16": "+ bf16 autocast (the softmax in fcnseg.native's compiled kernel where it builds)"
+                             + (": what `fcnseg train --freeze-backbone --cache-features` runs here"
                                                   if native_bf16 else " (emulated on this CPU, so the fused upsampler "
                                                   "stays fp32 and `--amp auto` picks fp32)"),
         "cached-fixed": "fcnseg, cached features, upsampler=\"fixed\" (bilinear, not learned)",
