@@ -29,7 +29,10 @@ SOURCE = Path(__file__).with_name("csrc") / "softmax_grad.cpp"
 # run fcnseg's bf16 path (native bf16) need anyway.
 REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"})
 _NAME = "fcnseg_softmax_grad"
-_COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+# -fopenmp: at::parallel_for is OpenMP inline code, serial without it; the module then binds to the
+# libgomp torch has already loaded (same soname), so there is one thread pool, torch's.
+_COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+_LINK_FLAGS = ["-fopenmp"]
 
 
 def cpu_flags() -> frozenset[str]:
@@ -85,7 +88,7 @@ def softmax_grad_kernel() -> ModuleType | None:
               file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_COMPILE_FLAGS,
-                                  verbose=False)
+                                  extra_ldflags=_LINK_FLAGS, verbose=False)
     except Exception as error:  # a broken toolchain must not stop training: the eager path runs
         warnings.warn(f"fcnseg: could not build the fused loss's softmax kernel ({error}); "
                       "using the eager path (same results, slower)", RuntimeWarning, stacklevel=2)
