@@ -47,3 +47,11 @@ def test_help_names_real_defaults_only(command, capsys):
     text = " ".join(capsys.readouterr().out.split())  # unwrap argparse's line breaks
     assert "default: None" not in text
     assert "(default: None)" not in text
+
+
+def test_info_lists_models_and_says_whether_the_softmax_kernel_is_used(capsys, monkeypatch):
+    monkeypatch.setenv("FCNSEG_NATIVE", "0")
+    assert main(["info", "--size", "64x64"]) == 0
+    out = capsys.readouterr().out
+    assert "not used (disabled by FCNSEG_NATIVE=0)" in out
+    assert "fcn_resnet18" in out and "(1, 21, 64, 64)" in out

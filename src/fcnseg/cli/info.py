@@ -16,11 +16,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fcnseg import __version__
+    from fcnseg.devices import native_cpu_bf16
     from fcnseg.models import VARIANTS, build_model, list_models
+    from fcnseg.native import native_unavailable_reason
 
     h, w = (int(v) for v in args.size.lower().split("x"))
     print(f"fcnseg {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+    reason = native_unavailable_reason()
+    print(f"native bf16 on this CPU: {'yes' if native_cpu_bf16() else 'no'}; fused loss's compiled softmax kernel: "
+          + ("used (built once on first use)" if reason is None else f"not used ({reason})"))
     image = torch.randn(1, 3, h, w)
     for name in list_models():
         for variant in VARIANTS:
