@@ -45,7 +45,8 @@ def render(results: dict[str, Any], info: dict[str, Any], params: dict[str, Any]
     if machine and "peak_fp32_gflops" in machine:
         n, c, ph, pw = machine["peak_shape"]
         lines += [f"A {c}->{c} 3x3 convolution on a {n}x{c}x{ph}x{pw} channels_last input, the best case for "
-                  "oneDNN: the machine's practical peak that the rows below are compared with.", "",
+                  "oneDNN: the machine's practical peak that the rows below are compared with (the fastest of its "
+                  "repeats, median over rounds).", "",
                   "| dtype | GFLOP/s |", "|---|---|",
                   f"| fp32 | {peak32:.1f} |", f"| bf16 | {peak16:.1f} |", ""]
     else:
