@@ -3,8 +3,8 @@
 //
 // torch has no fused kernel for this: in eager mode it takes eight passes over the logits (convert
 // to float32, gather the target logits, exp2, sum, scale, subtract the one-hot, convert back),
-// a fifth of a cached training step; here each group of 16 pixels is loaded once, its 21 class
-// scores kept in registers, and its gradients written back in place.
+// a fifth of a cached training step; here each group of 16 pixels is loaded once, its class scores
+// kept in a small array in the L1 cache, and its gradients written back in place.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
