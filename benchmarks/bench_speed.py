@@ -639,13 +639,14 @@ def run_case(name: str, configs: list[str], params: dict[str, Any], timeout: flo
 def machine_info(threads: int) -> dict[str, Any]:
     import torch
 
-    model, flags = platform.processor() or "unknown", set()
+    from fcnseg.native import cpu_flags
+
+    model, flags = platform.processor() or "unknown", cpu_flags()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+                break
     relevant = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"]
     bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
     return {

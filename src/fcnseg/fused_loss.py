@@ -17,7 +17,9 @@ before ``backward()``, as it is in a training step.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +182,58 @@ def _sums_in_safe_range(sums: torch.Tensor) -> bool:
     return bool(smallest >= _SAFE_SUM_MIN) and bool(largest <= _SAFE_SUM_MAX)
 
 
+def _softmax_grad_(
+    chunk: torch.Tensor,
+    work: torch.Tensor | None,
+    at_target: torch.Tensor,
+    weights: torch.Tensor,
+    sums: torch.Tensor,
+    target_logits: torch.Tensor,
+    *,
+    shift_first: bool,
+    recompute: Callable[[], object],
+) -> None:
+    """Turns one chunk of base-2 logits ``(k, C, P)`` into d loss / d logits, in place, eagerly.
+
+    ``work`` is a float32 buffer for low-precision logits (the softmax on bf16 measured 4x slower
+    here), None when ``chunk`` is float32 itself. Fills ``sums`` (each pixel's sum of exp2) and
+    ``target_logits`` (shifted alike) for the loss. ``at_target``: each pixel's target position in
+    the flat chunk.
+
+    The softmax is shift-invariant; shifting by each pixel's largest logit only keeps exp2 in
+    float32's range, at two of the softmax's eight passes (6% of a cached step here). Without
+    ``shift_first`` it is skipped, and the chunk recomputed (``recompute``, for a float32 chunk)
+    and shifted only when the sums leave a range where nothing overflows or loses precision.
+    """
+    k, c, pixels = chunk.shape
+    logits = chunk if work is None else work.view(k, c, pixels).copy_(chunk)
+    flat_logits = logits.view(-1)
+    # Written out rather than torch.softmax and gather/scatter along dim 1, which measured 2-3x
+    # slower on these shapes.
+    torch.index_select(flat_logits, 0, at_target, out=target_logits.view(-1))
+    shift = shift_first
+    if not shift_first:
+        logits.exp2_()
+        torch.sum(logits, 1, out=sums)
+        if not _sums_in_safe_range(sums):
+            if work is None:
+                recompute()
+            else:
+                logits.copy_(chunk)
+            shift = True
+    if shift:
+        largest = logits.amax(1, keepdim=True)
+        logits.sub_(largest)
+        target_logits.sub_(largest.view(k, pixels))
+        logits.exp2_()
+        torch.sum(logits, 1, out=sums)
+    # d loss / d logits = weight * (softmax - one_hot)
+    logits.mul_((weights / sums).unsqueeze(1))
+    flat_logits.index_add_(0, at_target, weights.reshape(-1), alpha=-1)
+    if work is not None:
+        chunk.copy_(logits)
+
+
 def _rows_per_chunk(rows: int, row_size: int, chunk_size: int) -> int:
     """Rows per chunk for chunks of at most ``chunk_size`` values (and one row at least), as equal as can be."""
     chunks = math.ceil(rows / max(1, chunk_size // row_size))
@@ -234,11 +288,8 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         gemm_size = max(PIXELS_PER_GEMM * c, softmax_size) if low_precision else softmax_size
         logits_buffer = torch.empty(softmax_size, dtype=torch.float32, device=device)
         low_buffer = torch.empty(gemm_size, dtype=dtype, device=device) if low_precision else None
-        # The softmax is shift-invariant; shifting by each pixel's largest logit only keeps exp2 in
-        # float32's range. On CPU the shift is two of the softmax's eight passes over the logits
-        # (6% of a cached step here), so it is skipped and the chunk recomputed with it only when
-        # the sums leave a range where nothing overflows or loses precision. Elsewhere checking
-        # would synchronise with the device once per chunk, which costs more than the passes.
+        # On CPU the eager softmax first tries without its max shift (see `_softmax_grad_`); elsewhere
+        # checking the sums would synchronise with the device once per chunk, which costs more.
         skip_shift = device.type == "cpu"
         for y_first, y_stop, y_lo, y_hi in _cell_runs(h + 1, s, height):
             for x_first, x_stop, x_lo, x_hi in _cell_runs(w + 1, s, width):
@@ -253,11 +304,8 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                     block_matrix[:, t_y, t_x] = kernel[:, :, 1 - t_y, y_lo:y_hi, 1 - t_x, x_lo:x_hi]  # (i, o, r_y, r_x)
                 block_matrix = block_matrix.view(4 * c, c * pixels)
                 runs = ((y_first, y_stop, y_lo, y_hi), (x_first, x_stop, x_lo, x_hi))
-                # contiguous: the kernel takes (rows, pixels) arrays; reshape copies these all but always
+                # contiguous, as the kernel requires: reshape returns a strided view for a few shapes
                 block_classes = _run_pixels(safe_targets, runs, s).contiguous()
-                if softmax_kernel is None:
-                    # Each pixel's target logit: its flat position in a chunk, less the row's offset.
-                    block_targets = block_classes * pixels + torch.arange(pixels, dtype=torch.int32, device=device)
                 block_weights = _run_pixels(pixel_weights, runs, s).contiguous()
                 # The weight's gradient as the faster GEMM makes it here: (4C, C * pixels) in bf16,
                 # transposed (C * pixels, 4C) in float32 (1.4-1.7x faster than the other way round).
@@ -268,9 +316,11 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                 single_gemm = gemm_rows >= total_rows
                 block_grad_columns = None if single_gemm else torch.empty(
                     block_columns.shape, dtype=torch.float32, device=device)
-                softmax_rows = _rows_per_chunk(gemm_rows, c * pixels, softmax_size)
-                row_offsets = torch.arange(softmax_rows, dtype=torch.int32, device=device).unsqueeze(1) * (c * pixels)
                 if softmax_kernel is None:
+                    softmax_rows = _rows_per_chunk(gemm_rows, c * pixels, softmax_size)
+                    # Each pixel's target logit: its flat position in a chunk, less the row's offset.
+                    block_targets = block_classes * pixels + torch.arange(pixels, dtype=torch.int32, device=device)
+                    row_offsets = torch.arange(softmax_rows, dtype=torch.int32, device=device).unsqueeze(1) * (c * pixels)
                     # Each pixel's exp2 sum and target logit, kept for the loss, computed once per block.
                     block_sums = torch.empty((total_rows, pixels), dtype=torch.float32, device=device)
                     block_target_logits = torch.empty((total_rows, pixels), dtype=torch.float32, device=device)
@@ -285,45 +335,18 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                         softmax_kernel.softmax_cross_entropy_grad_(
                             gemm_logits.view(-1, c, pixels), block_classes[gemm_start:gemm_stop],
                             block_weights[gemm_start:gemm_stop], block_row_losses[gemm_start:gemm_stop])
-                    eager_starts = range(gemm_start, gemm_stop, softmax_rows) if softmax_kernel is None else ()
-                    for start in eager_starts:
-                        stop = min(start + softmax_rows, gemm_stop)
-                        k = stop - start
-                        chunk = gemm_logits[(start - gemm_start) * c * pixels:(stop - gemm_start) * c * pixels]
-                        if low_precision:
-                            flat_logits = logits_buffer[:k * c * pixels]
-                            flat_logits.copy_(chunk)  # softmax on bf16 measured 4x slower here
-                        else:
-                            flat_logits = chunk
-                        # Written out rather than torch.softmax and gather/scatter along dim 1, which
-                        # measured 2-3x slower on these shapes.
-                        logits = flat_logits.view(k, c, pixels)
-                        at_target = (block_targets[start:stop] + row_offsets[:k]).view(-1)
-                        target_logits, sums = block_target_logits[start:stop], block_sums[start:stop]
-                        torch.index_select(flat_logits, 0, at_target, out=target_logits.view(-1))
-                        shift_needed = not skip_shift
-                        if skip_shift:
-                            logits.exp2_()
-                            torch.sum(logits, 1, out=sums)
-                            if not _sums_in_safe_range(sums):
-                                # Recompute this chunk's logits and take the shifted path.
-                                if low_precision:
-                                    flat_logits.copy_(chunk)
-                                else:
-                                    torch.mm(block_columns_base2[start:stop], block_matrix, out=chunk.view(k, -1))
-                                shift_needed = True
-                        if shift_needed:
-                            shift = logits.amax(1, keepdim=True)
-                            logits.sub_(shift)
-                            target_logits.sub_(shift.view(k, pixels))
-                            logits.exp2_()
-                            torch.sum(logits, 1, out=sums)
-                        weights = block_weights[start:stop]
-                        # d loss / d logits = weight * (softmax - one_hot), made in place of the logits
-                        logits.mul_((weights / sums).unsqueeze(1))
-                        flat_logits.index_add_(0, at_target, weights.reshape(-1), alpha=-1)
-                        if low_precision:
-                            chunk.copy_(flat_logits)
+                    else:
+                        for start in range(gemm_start, gemm_stop, softmax_rows):
+                            stop = min(start + softmax_rows, gemm_stop)
+                            k = stop - start
+                            chunk = gemm_logits[(start - gemm_start) * c * pixels:(stop - gemm_start) * c * pixels]
+                            chunk = chunk.view(k, c, pixels)
+                            _softmax_grad_(
+                                chunk, logits_buffer[:chunk.numel()] if low_precision else None,
+                                (block_targets[start:stop] + row_offsets[:k]).view(-1), block_weights[start:stop],
+                                block_sums[start:stop], block_target_logits[start:stop], shift_first=not skip_shift,
+                                recompute=functools.partial(torch.mm, block_columns_base2[start:stop], block_matrix,
+                                                            out=chunk.view(k, -1)))
                     grad_logits = gemm_logits.view(-1, c * pixels)
                     product = rows.t() @ grad_logits if low_precision else grad_logits.t() @ rows
                     if block_grad_matrix is None:  # several bf16 products are summed in float32
