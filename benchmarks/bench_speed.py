@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -53,7 +53,7 @@ QUICK: dict[str, Any] = {
 }
 
 # Inference configurations: (name, description). The baselines run with glibc's default
-# allocator; fcnseg's with `fcnseg.allocator.keep_freed_memory`.
+# allocator; fcnseg's with `fcnseg.runtime.keep_freed_memory`.
 INFER_CONFIGS = {
     "baseline": "chapter model under torch.no_grad (the reference for ratios)",
     "baseline-as-written": "the same, recording autograd as the chapter's predict() does",
@@ -70,7 +70,7 @@ INFER_CONFIGS = {
 BF16_INFER = ("bf16-cl", "bf16-cl-fold", "bf16-compile")
 TRAIN_CONFIGS = {
     "baseline": "chapter's step as written (SGD, d2l loss, accuracy count)",
-    "baseline-alloc": "the same, with fcnseg.allocator.keep_freed_memory",
+    "baseline-alloc": "the same, with fcnseg.runtime.keep_freed_memory",
     "fp32": "fcnseg train_step, fp32 NCHW, foreach SGD",
     "fp32-cl": "+ channels_last",
     "compile": "+ torch.compile of the model (inductor)",
@@ -174,7 +174,7 @@ def setup_process(params: dict[str, Any], *, fast_allocator: bool) -> None:
 
     torch.set_num_threads(params["threads"])
     if fast_allocator:
-        from fcnseg.allocator import keep_freed_memory
+        from fcnseg.runtime import keep_freed_memory
 
         keep_freed_memory()
 
@@ -302,7 +302,7 @@ def case_infer(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
 
 
 def native_bf16() -> bool:
-    from fcnseg.devices import native_cpu_bf16
+    from fcnseg.runtime import native_cpu_bf16
 
     return native_cpu_bf16()
 
@@ -311,8 +311,9 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     """Seconds per training step (batch ``train_batch``, full fine-tuning) per configuration."""
     import torch
 
-    from fcnseg.engine import train_step
-    from fcnseg.fused_loss import fcn_cross_entropy, to_channels_last
+    from fcnseg.models.layout import to_channels_last
+    from fcnseg.training.loss import fcn_cross_entropy
+    from fcnseg.training.step import train_step
 
     results: dict[str, Any] = {}
     batch = params["train_batch"]
@@ -370,7 +371,7 @@ def scene_batches(params: dict[str, Any], count: int, batch: int, seed: int):
     background as the chapter's reader does), the same for every configuration."""
     import torch
 
-    from fcnseg.loaders import SeededTransformDataset
+    from fcnseg.data.samplers import SeededTransformDataset
 
     views = SeededTransformDataset(_epoch_dataset(params), VoidAsBackground(tuple(params["size"])), seed=seed)
     samples = []
@@ -388,8 +389,9 @@ def case_curve(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     weights, where most pixels are near-ties between classes."""
     import torch
 
-    from fcnseg.engine import train_step
-    from fcnseg.fused_loss import fcn_cross_entropy, to_channels_last
+    from fcnseg.models.layout import to_channels_last
+    from fcnseg.training.loss import fcn_cross_entropy
+    from fcnseg.training.step import train_step
 
     setup_process(params, fast_allocator=True)
     batch, steps, lr = params["curve_batch"], params["curve_steps"], params["curve_lr"]
@@ -463,10 +465,10 @@ def case_epoch(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from fcnseg.engine import train_step
-    from fcnseg.feature_cache import CachedFeatureHead, FeatureCache
-    from fcnseg.fused_loss import to_channels_last
-    from fcnseg.loaders import SeededTransformDataset
+    from fcnseg.data.samplers import SeededTransformDataset
+    from fcnseg.models.layout import to_channels_last
+    from fcnseg.training.feature_cache import CachedFeatureHead, FeatureCache
+    from fcnseg.training.step import train_step
 
     batch, crop = params["epoch_batch"], tuple(params["size"])
     cpu = torch.device("cpu")
@@ -516,7 +518,7 @@ def case_epoch(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
                 cached = cache.dataset()
 
                 # What `fcnseg train --freeze-backbone --cache-features V` runs: the last upsampling fused
-                # with the loss (fcnseg.fused_loss); "cached" is the plain module followed by the loss.
+                # with the loss (fcnseg.ops.fused_loss); "cached" is the plain module followed by the loss.
                 fused = functools.partial(head.loss, reduction="d2l") if "fused" in config else None
 
                 def epoch() -> None:
@@ -568,7 +570,7 @@ def case_sliding(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     """Sliding-window prediction of one image: per window, against the same windows as one batch."""
     import torch
 
-    from fcnseg.inference import predict_sliding, predict_whole, window_grid
+    from fcnseg.inference.windows import predict_sliding, predict_whole, window_grid
 
     setup_process(params, fast_allocator=True)
     net, tv = build_baseline()
@@ -639,7 +641,7 @@ def run_case(name: str, configs: list[str], params: dict[str, Any], timeout: flo
 def machine_info(threads: int) -> dict[str, Any]:
     import torch
 
-    from fcnseg.native import cpu_flags
+    from fcnseg.ops.native import cpu_flags
 
     model, flags = platform.processor() or "unknown", cpu_flags()
     with contextlib.suppress(OSError):
@@ -717,11 +719,11 @@ def main(argv: list[str] | None = None) -> int:
     params["rounds"] = max(1, args.rounds)
     if params["bf16"]:
         # Built here, once, so that no timed subprocess compiles it (torch caches the build).
-        from fcnseg.native import native_unavailable_reason, softmax_grad_kernel
+        from fcnseg.ops.native import native_unavailable_reason, softmax_grad_kernel
 
         reason = native_unavailable_reason()
         built = reason is None and softmax_grad_kernel() is not None
-        info["softmax_kernel"] = ("compiled kernel (fcnseg.native)" if built
+        info["softmax_kernel"] = ("compiled kernel (fcnseg.ops.native)" if built
                                   else f"eager torch operations ({reason or 'the kernel failed to build'})")
     # The targets were set for CPUs with native bf16; a run on another CPU gets a report of its own.
     default_out = REPO / "docs" / ("BENCHMARKS.md" if info["mkldnn_bf16"] else "BENCHMARKS-no-native-bf16.md")

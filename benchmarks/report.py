@@ -356,9 +356,9 @@ def _epoch_table(epoch: dict[str, Any], native_bf16: bool) -> list[str]:
         "baseline": "chapter's loop, body frozen (no grad, eval BatchNorm), data loading included",
         "uncached": "fcnseg, frozen body run every step",
         "cached": "fcnseg, cached features (1 view), learned upsampler as the chapter",
-        "cached-fused": "the same, the last upsampling fused with the loss (fcnseg.fused_loss)"
+        "cached-fused": "the same, the last upsampling fused with the loss (fcnseg.ops.fused_loss)"
                         + ("" if native_bf16 else ": what `fcnseg train --freeze-backbone --cache-features` runs here"),
-        "cached-fused-bf16": "+ bf16 autocast (the softmax in fcnseg.native's compiled kernel where it builds)"
+        "cached-fused-bf16": "+ bf16 autocast (the softmax in fcnseg.ops.native's compiled kernel where it builds)"
                              + (": what `fcnseg train --freeze-backbone --cache-features` runs here"
                                                   if native_bf16 else " (emulated on this CPU, so the fused upsampler "
                                                   "stays fp32 and `--amp auto` picks fp32)"),

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fcnseg.data import build_dataset
-    from fcnseg.inference import Segmenter
+    from fcnseg.inference.segmenter import Segmenter
     from fcnseg.visualize import save_prediction_grid
 
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)

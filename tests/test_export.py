@@ -21,8 +21,8 @@ from PIL import Image
 from torch import nn
 
 from fcnseg import FCN, fcn_resnet18
-from fcnseg.checkpoint import make_checkpoint, save_checkpoint
 from fcnseg.errors import FcnsegError
+from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'fcnseg[export]')")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'fcnseg[export]')")
@@ -136,7 +136,7 @@ def test_docs_example_runs_without_torch(dynamo_export, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "of the pixels" in result.stdout
 
-    from fcnseg.inference import Segmenter
+    from fcnseg.inference.segmenter import Segmenter
 
     expected = Segmenter(model, CLASSES, COLORS, MEAN, STD, device="cpu").predict(tmp_path / "photo.jpg")
     colors = np.array(COLORS, dtype=np.uint8)

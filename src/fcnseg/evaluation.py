@@ -1,21 +1,70 @@
-"""Evaluating a checkpoint on a dataset split with whole images (not random crops)."""
+"""Whole-image evaluation: the metrics loop over a model, and a checkpoint on a dataset split."""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
-from fcnseg.checkpoint import load_checkpoint, model_from_checkpoint
-from fcnseg.engine import evaluate, resolve_amp_dtype
+from fcnseg.constants import IGNORE_INDEX
+from fcnseg.data.samplers import image_sizes, size_grouped_batches
 from fcnseg.errors import FcnsegError
-from fcnseg.loaders import size_grouped_batches
 from fcnseg.metrics import ConfusionMatrix, SegmentationMetrics
+from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.models.inference_form import inference_form
+from fcnseg.runtime import autocast_context, resolve_amp_dtype
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    *,
+    device: torch.device,
+    predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    reduce_across_ranks: bool = False,
+) -> tuple[SegmentationMetrics, ConfusionMatrix, float]:
+    """Metrics over whole images, from one confusion matrix (void excluded).
+
+    Args:
+        batches: ``(image (N,3,H,W), target (N,H,W))`` of whole images, equal sizes per batch.
+        predict: ``predict(model, image) -> logits``; defaults to one forward pass.
+
+    Returns:
+        (metrics, confusion matrix, mean validation loss).
+    """
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for image, target in batches:
+        image, target = image.to(device), target.to(device)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp_dtype):
+            logits = predict(model, image) if predict is not None else model(image)
+        logits = logits.float()
+        matrix.update(logits.argmax(1), target)
+        labelled = (target != IGNORE_INDEX).sum()
+        if labelled > 0:
+            loss_sum += F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+            count += labelled
+    if reduce_across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        matrix.all_reduce()
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(count)
+    model.train(was_training)
+    return matrix.compute(), matrix, float(loss_sum / count.clamp(min=1))
 
 
 @dataclass
@@ -63,8 +112,7 @@ def evaluate_checkpoint(
     """
     from fcnseg.data import build_dataset
     from fcnseg.data.transforms import eval_transforms
-    from fcnseg.inference import predict_sliding, predict_whole
-    from fcnseg.training import image_sizes
+    from fcnseg.inference.windows import predict_sliding, predict_whole
 
     device = torch.device(device)
     checkpoint = load_checkpoint(checkpoint_path)

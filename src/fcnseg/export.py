@@ -20,7 +20,6 @@ import math
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -28,10 +27,11 @@ import torch
 from torch import nn
 
 from fcnseg import __version__
-from fcnseg.atomic import atomic_write
-from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, model_from_checkpoint
+from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.data.folder import default_palette
 from fcnseg.errors import FcnsegError
+from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
+from fcnseg.runtime import atomic_write
 
 Exporter = Literal["dynamo", "legacy"]
 EXPORTERS: tuple[str, ...] = ("dynamo", "legacy")

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcnseg.data.io import IGNORE_INDEX, MASK_EXTENSIONS, open_image  # noqa: F401  (re-exported)
+from fcnseg.constants import IGNORE_INDEX, IMAGE_EXTENSIONS
+from fcnseg.data.io import open_image  # noqa: F401  (re-exported)
 from fcnseg.errors import DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 """Anything `to_rgb_array` accepts: a path, a PIL image, an HxWx3 array or a CHW tensor."""

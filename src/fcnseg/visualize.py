@@ -18,9 +18,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
+from fcnseg.constants import IGNORE_INDEX
 from fcnseg.imageio import ImageLike, to_rgb_array
 
-IGNORE_INDEX = 255
 Color = Sequence[int]
 LabelLike = np.ndarray | torch.Tensor
 

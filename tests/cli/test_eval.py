@@ -7,11 +7,11 @@ import numpy as np
 import torch
 
 from fcnseg import fcn_resnet18
-from fcnseg.checkpoint import make_checkpoint, save_checkpoint
 from fcnseg.cli import main
 from fcnseg.data import build_dataset
 from fcnseg.data.synthetic import make_synthetic
 from fcnseg.data.transforms import eval_transforms
+from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
 
 def test_eval_json_matches_a_direct_confusion_matrix(tmp_path):

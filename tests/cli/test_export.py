@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fcnseg import fcn_resnet18
-from fcnseg.checkpoint import make_checkpoint, save_checkpoint
 from fcnseg.cli import main
+from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'fcnseg[export]')")
 

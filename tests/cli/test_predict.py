@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from fcnseg import fcn_resnet18
-from fcnseg.checkpoint import make_checkpoint, save_checkpoint
 from fcnseg.cli import main
-from fcnseg.inference import Segmenter
+from fcnseg.inference.segmenter import Segmenter
+from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
 CLASSES = ["background", "thing", "stuff"]
 COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.data import d2l_transforms, eval_transforms, pad_collate, train_transforms
 from fcnseg.errors import DataError
 

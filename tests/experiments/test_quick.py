@@ -105,8 +105,8 @@ def test_prediction_grid_script_writes_one_png_of_camvid_examples(tmp_path):
     import torch
 
     from fcnseg import fcn_mobilenet_v2
-    from fcnseg.checkpoint import make_checkpoint, save_checkpoint
     from fcnseg.data import build_dataset
+    from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
     root = require_shared("camvid")
     classes = build_dataset("camvid", root, "val").classes

@@ -9,7 +9,6 @@ import torchvision
 
 from fcnseg import WeightsError, fcn_mobilenet_v2, fcn_resnet18
 from fcnseg.models.backbones import Backbone, build_backbone
-
 from tests.conftest import require_shared  # noqa: E402  (importlib mode: tests is a namespace)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from fcnseg.cli.help_format import DefaultsHelpFormatter
+from fcnseg.cli.options import DefaultsHelpFormatter
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,10 +28,10 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from fcnseg.config import parse_size, resolve_config
     from fcnseg.data.synthetic import make_synthetic
-    from fcnseg.inference import Segmenter
-    from fcnseg.training import train
+    from fcnseg.inference.segmenter import Segmenter
+    from fcnseg.training.config import parse_size, resolve_config
+    from fcnseg.training.trainer import train
     from fcnseg.visualize import save_prediction_grid
 
     started = time.perf_counter()

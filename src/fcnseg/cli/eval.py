@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from fcnseg.cli.help_format import DefaultsHelpFormatter
-from fcnseg.config import parse_size
+from fcnseg.cli.options import DefaultsHelpFormatter
+from fcnseg.training.config import parse_size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,9 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fcnseg.devices import select_device
     from fcnseg.evaluation import evaluate_checkpoint, write_report
     from fcnseg.metrics import format_metrics_table
+    from fcnseg.runtime import select_device
 
     report = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, mode=args.mode,
                                  window=args.window, stride=args.stride, flip=args.flip, batch_size=args.batch_size,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fcnseg.config import parse_size
 from fcnseg.errors import FcnsegError
+from fcnseg.training.config import parse_size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

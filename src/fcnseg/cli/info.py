@@ -20,9 +20,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fcnseg import __version__
-    from fcnseg.devices import native_cpu_bf16
     from fcnseg.models import VARIANTS, build_model, list_models
-    from fcnseg.native import native_unavailable_reason
+    from fcnseg.ops.native import native_unavailable_reason
+    from fcnseg.runtime import native_cpu_bf16
 
     h, w = (int(v) for v in args.size.lower().split("x"))
     print(f"fcnseg {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "

@@ -12,8 +12,8 @@ import glob
 import sys
 from pathlib import Path
 
-from fcnseg.config import parse_size
 from fcnseg.errors import FcnsegError
+from fcnseg.training.config import parse_size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,11 +47,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from fcnseg.checkpoint import load_checkpoint
-    from fcnseg.devices import select_device
-    from fcnseg.engine import resolve_amp_dtype
     from fcnseg.imageio import load_image
-    from fcnseg.inference import DEFAULT_WINDOW, Segmenter
+    from fcnseg.inference.segmenter import Segmenter
+    from fcnseg.inference.windows import DEFAULT_WINDOW
+    from fcnseg.models.checkpoint import load_checkpoint
+    from fcnseg.runtime import resolve_amp_dtype, select_device
     from fcnseg.visualize import overlay, save_palette_png, save_prediction_grid, save_rgb_png
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -177,7 +177,8 @@ def _refuse_overwriting_inputs(files: list[Path], names: dict[Path, str], out: P
 
 def _ground_truth(path: Path, masks: Path | None, size: tuple[int, int], colors, bar):
     """The ground-truth mask of an image, or None (with a note) when there is none or it does not fit."""
-    from fcnseg.imageio import MASK_EXTENSIONS, load_mask
+    from fcnseg.constants import MASK_EXTENSIONS
+    from fcnseg.imageio import load_mask
 
     if masks is None:
         return None

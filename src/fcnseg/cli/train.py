@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from fcnseg.config import CHOICES, TrainConfig, parse_size
+from fcnseg.training.config import CHOICES, TrainConfig, parse_size
 
 _DEFAULTS = TrainConfig()
 
@@ -94,21 +94,21 @@ def add_config_options(p: argparse.ArgumentParser, *, run_dir: bool = True) -> N
 
 def explicit_options(args: argparse.Namespace) -> dict:
     """The TrainConfig fields given on the command line (None: not given; --no-scale: "none")."""
-    from fcnseg.config import FIELD_NAMES
+    from fcnseg.training.config import FIELD_NAMES
 
     return {k: v for k, v in vars(args).items() if k in FIELD_NAMES and v is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Resolves defaults, --recipe, --config FILE and the options given into a TrainConfig."""
-    from fcnseg.config import resolve_config
+    from fcnseg.training.config import resolve_config
 
     return resolve_config(explicit_options(args), args.config_file, args.recipe)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from fcnseg.allocator import keep_freed_memory
-    from fcnseg.training import train
+    from fcnseg.runtime import keep_freed_memory
+    from fcnseg.training.trainer import train
 
     config = config_from_args(args)
     keep_freed_memory()  # speed only: large tensors reuse freed memory instead of new pages

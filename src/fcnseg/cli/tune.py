@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from fcnseg.cli.train import add_config_options, config_from_args, explicit_options
-from fcnseg.config import CHOICES, parse_size
+from fcnseg.training.config import CHOICES, parse_size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fcnseg.tuning import SearchSpace, import_optuna, tune
+    from fcnseg.training.tuning import SearchSpace, import_optuna, tune
 
     optuna = import_optuna()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # tune prints one line per trial itself

@@ -7,7 +7,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from fcnseg.data.io import IGNORE_INDEX, check_same_size, image_size, read_image, read_mask
+from fcnseg.constants import IGNORE_INDEX
+from fcnseg.data.io import check_same_size, image_size, read_image, read_mask
 from fcnseg.errors import DataError
 
 PairTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

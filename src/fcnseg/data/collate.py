@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from fcnseg.data.io import IGNORE_INDEX
+from fcnseg.constants import IGNORE_INDEX
 
 
 def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

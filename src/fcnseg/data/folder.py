@@ -46,8 +46,9 @@ from typing import Any
 
 import torch
 
+from fcnseg.constants import IMAGE_EXTENSIONS, MASK_EXTENSIONS
 from fcnseg.data.base import PairTransform, SegmentationDataset, filter_small_images
-from fcnseg.data.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, read_mask
+from fcnseg.data.io import read_mask
 from fcnseg.data.splits import read_split_file
 from fcnseg.errors import DataError
 

@@ -17,13 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fcnseg.constants import IGNORE_INDEX
 from fcnseg.errors import DataError
-
-IGNORE_INDEX = 255
-"""The one void label every dataset returns, whatever its own void id on disk."""
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fcnseg.constants import IGNORE_INDEX
 from fcnseg.data.folder import default_palette
-from fcnseg.data.io import IGNORE_INDEX
 from fcnseg.errors import DataError
 
 SHAPES = ("disc", "rectangle", "triangle", "ring", "cross", "ellipse", "diamond", "crescent")

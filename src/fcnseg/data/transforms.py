@@ -16,8 +16,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from fcnseg.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from fcnseg.data.io import IGNORE_INDEX
+from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.errors import DataError
 
 __all__ = [

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
+from fcnseg.constants import IGNORE_INDEX
 from fcnseg.data.base import PairTransform, SegmentationDataset, filter_small_images
-from fcnseg.data.io import IGNORE_INDEX, read_mask
+from fcnseg.data.io import read_mask
 from fcnseg.data.splits import read_split_file
 from fcnseg.errors import DataError
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcnseg.devices import native_cpu_bf16
+from fcnseg.runtime import native_cpu_bf16
 
 UpsamplerInit = Literal["bilinear", "xavier", "fixed"]
 UPSAMPLER_CHOICES: tuple[str, ...] = ("bilinear", "xavier", "fixed")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcnseg.checkpoint import load_checkpoint
 from fcnseg.cli import main
-from fcnseg.config import resolve_config
 from fcnseg.errors import CheckpointError
-from fcnseg.training import KILL_AFTER_STEP_ENV, train
+from fcnseg.models.checkpoint import load_checkpoint
+from fcnseg.training.config import resolve_config
+from fcnseg.training.trainer import KILL_AFTER_STEP_ENV, train
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     out = tmp_path / "run"
     assert main(tiny_args(tiny_scenes, out, "--epochs", "1")) == 0
     before = (out / "last.pt").read_bytes()
-    import fcnseg.fused_loss
+    import fcnseg.training.loss
 
-    real_loss = fcnseg.fused_loss.fcn_cross_entropy  # the training loss of a single-process run
+    real_loss = fcnseg.training.loss.fcn_cross_entropy  # the training loss of a single-process run
     calls = []
 
     def diverging_loss(*args, **kwargs):
@@ -119,7 +119,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(fcnseg.fused_loss, "fcn_cross_entropy", diverging_loss)
+    monkeypatch.setattr(fcnseg.training.loss, "fcn_cross_entropy", diverging_loss)
     status = main(tiny_args(tiny_scenes, out, "--epochs", "2", "--resume"))
     assert status == 2 and len(calls) == 2
     err = capsys.readouterr().err

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from fcnseg.config import RECIPES, TrainConfig, parse_size, resolve_config
 from fcnseg.errors import FcnsegError
+from fcnseg.training.config import RECIPES, TrainConfig, parse_size, resolve_config
 
 
 def test_precedence(tmp_path):
@@ -54,9 +54,9 @@ def test_no_scale_option_turns_scaling_off():
 
 @pytest.mark.parametrize("cores,workers", [(1, 0), (2, 0), (4, 2), (16, 4), (None, 0)])
 def test_loader_workers_default_to_none_on_two_cores(monkeypatch, cores, workers):
-    import fcnseg.config
+    import fcnseg.training.config
 
-    monkeypatch.setattr(fcnseg.config.os, "cpu_count", lambda: cores)
-    assert fcnseg.config.default_workers() == workers
+    monkeypatch.setattr(fcnseg.training.config.os, "cpu_count", lambda: cores)
+    assert fcnseg.training.config.default_workers() == workers
     assert resolve_config({"root": "r"}).workers == workers
     assert resolve_config({"root": "r", "workers": 3}).workers == 3

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fcnseg.cli import main
-from fcnseg.config import resolve_config
+from fcnseg.training.config import resolve_config
 
 optuna = pytest.importorskip("optuna")
 
@@ -28,7 +28,7 @@ def tune_args(root: Path, out: Path, trials: int, *extra: str) -> list[str]:
 
 
 def load_study(out: Path):
-    from fcnseg.tuning import STUDY_NAME
+    from fcnseg.training.tuning import STUDY_NAME
 
     return optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
 
@@ -78,7 +78,7 @@ def test_an_interrupted_trial_resumes_and_fixed_options_are_not_searched(scenes,
     args = tune_args(scenes, out, 1, "--lr", "0.02")
     assert main(args) == 0
     # A trial left RUNNING after drawing its recipe, as by a killed process.
-    from fcnseg.tuning import SearchSpace
+    from fcnseg.training.tuning import SearchSpace
 
     study = load_study(out)
     study.enqueue_trial({"weight_decay": 1e-4, "batch_size": 2, "crop": "48x64", "schedule": "poly"})
@@ -96,7 +96,7 @@ def test_an_interrupted_trial_resumes_and_fixed_options_are_not_searched(scenes,
 
 
 def test_search_space_draws_config_values():
-    from fcnseg.tuning import SearchSpace
+    from fcnseg.training.tuning import SearchSpace
 
     space = SearchSpace(lr=None, crop=((32, 48), (64, 96)))
     params = space.suggest(optuna.trial.FixedTrial(
@@ -113,7 +113,7 @@ def test_without_optuna_the_error_says_how_to_install(monkeypatch, tmp_path, cap
 
 
 def test_on_epoch_end_sees_each_epoch_and_can_stop_the_run(scenes, tmp_path):
-    from fcnseg.training import train
+    from fcnseg.training.trainer import train
 
     config = resolve_config({
         "dataset": "folder", "root": str(scenes), "model": "fcn_resnet18", "weights_backbone": "none",

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fcnseg import native
+from fcnseg.ops import native
 
 
 def reference(logits_base2: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor):

@@ -7,13 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
 from torch import nn
 
 from fcnseg import FCN, fcn_resnet18
-from fcnseg.checkpoint import make_checkpoint, save_checkpoint
-from fcnseg.inference import (
-    Segmenter,
+from fcnseg.inference.segmenter import Segmenter
+from fcnseg.inference.windows import (
     count_map,
     default_stride,
     merge_windows,
@@ -21,6 +19,7 @@ from fcnseg.inference import (
     predict_whole,
     window_grid,
 )
+from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
 CLASSES = ["background", "thing", "stuff"]
 COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]

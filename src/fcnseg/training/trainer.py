@@ -22,16 +22,25 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, make_checkpoint, save_checkpoint
-from fcnseg.config import TrainConfig
-from fcnseg.devices import select_device
-from fcnseg.distributed import DistributedContext, all_reduce_mean, barrier, cleanup_distributed, setup_distributed
-from fcnseg.engine import TrainingDiverged, evaluate, median_frequency_weights, resolve_amp_dtype, train_step
+from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD
+from fcnseg.data.samplers import ResumableSampler, SeededTransformDataset, image_sizes, size_grouped_batches
 from fcnseg.errors import CheckpointError, FcnsegError
-from fcnseg.fused_loss import to_channels_last
-from fcnseg.loaders import ResumableSampler, SeededTransformDataset, size_grouped_batches
+from fcnseg.evaluation import evaluate
 from fcnseg.metrics import format_metrics_table
 from fcnseg.models import build_model
+from fcnseg.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from fcnseg.models.layout import to_channels_last
+from fcnseg.runtime import resolve_amp_dtype, select_device
+from fcnseg.training.config import TrainConfig
+from fcnseg.training.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    cleanup_distributed,
+    setup_distributed,
+)
+from fcnseg.training.loss import median_frequency_weights
+from fcnseg.training.step import TrainingDiverged, train_step
 
 # Test hook: SIGKILL this process right after the given optimiser step, to prove exact resume.
 KILL_AFTER_STEP_ENV = "FCNSEG_TEST_KILL_AFTER_STEP"
@@ -101,21 +110,6 @@ def build_datasets(config: TrainConfig):
     if config.max_val_images:
         val = torch.utils.data.Subset(val, range(min(len(val), config.max_val_images)))
     return train_base, train, val
-
-
-def image_sizes(dataset) -> list[tuple[int, int]]:
-    """(H, W) of every image, from file headers when the dataset lists its files."""
-    from fcnseg.data.io import image_size
-
-    base, indices = dataset, None
-    if isinstance(dataset, torch.utils.data.Subset):
-        base, indices = dataset.dataset, list(dataset.indices)
-    paths = getattr(base, "image_paths", None)
-    if paths is None:
-        return [tuple(dataset[i][0].shape[-2:]) for i in range(len(dataset))]
-    if indices is not None:
-        paths = [paths[i] for i in indices]
-    return [image_size(path) for path in paths]
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
@@ -269,7 +263,7 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
     val_batches = size_grouped_batches(val_sizes, config.batch_size, ctx.rank, ctx.world_size)
     predict_fn = None
     if config.eval_mode == "sliding":
-        from fcnseg.inference import predict_sliding
+        from fcnseg.inference.windows import predict_sliding
 
         predict_fn = lambda m, x: predict_sliding(m, x, window=tuple(config.crop))  # noqa: E731
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
@@ -279,14 +273,14 @@ def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, p
     started = time.perf_counter() - state["train_seconds"]
     train_net, compute_loss = net, None
     if not ctx.enabled:  # DDP synchronises gradients through the wrapper's forward: unfused there
-        from fcnseg.fused_loss import fcn_cross_entropy
+        from fcnseg.training.loss import fcn_cross_entropy
 
         compute_loss = functools.partial(fcn_cross_entropy, model, class_weights=class_weights,
                                          reduction=config.loss_reduction)
     if config.freeze_backbone and config.cache_features > 0:
         # The frozen body runs once per cached view instead of every step: the loop trains the head
         # on stored features. Checkpoints and validation (whole images) still use the full model.
-        from fcnseg.feature_cache import cached_head_training
+        from fcnseg.training.feature_cache import cached_head_training
 
         train_net, train_set = cached_head_training(model, train_set, config, device, ctx, progress=progress)
         if not ctx.enabled:  # DDP must see the forward call to synchronise gradients: unfused there

@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from fcnseg.data.io import image_size
+
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's augmentation, mixed so nearby inputs give unrelated seeds."""
@@ -99,3 +101,16 @@ def size_grouped_batches(sizes: Sequence[tuple[int, int]], batch_size: int, rank
     batches = [idx[i : i + batch_size] for idx in groups.values() for i in range(0, len(idx), batch_size)]
     batches.sort(key=lambda b: b[0])
     return batches[rank::world_size]
+
+
+def image_sizes(dataset) -> list[tuple[int, int]]:
+    """(H, W) of every image, from file headers when the dataset lists its files."""
+    base, indices = dataset, None
+    if isinstance(dataset, torch.utils.data.Subset):
+        base, indices = dataset.dataset, list(dataset.indices)
+    paths = getattr(base, "image_paths", None)
+    if paths is None:
+        return [tuple(dataset[i][0].shape[-2:]) for i in range(len(dataset))]
+    if indices is not None:
+        paths = [paths[i] for i in indices]
+    return [image_size(path) for path in paths]

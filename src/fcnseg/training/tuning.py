@@ -1,6 +1,6 @@
 """A small, budgeted search over training recipes with Optuna, stored on disk and resumable.
 
-Each trial is one `fcnseg.training.train` run into ``OUT/trial_NNN`` with the learning rate, weight
+Each trial is one `fcnseg.training.trainer.train` run into ``OUT/trial_NNN`` with the learning rate, weight
 decay, batch size, crop size and schedule its sampler (TPE, seeded) picked; the objective is the
 final validation mIoU. The study lives in ``OUT/study.db`` (SQLite): running the same search again
 continues it, resuming an interrupted trial from its ``last.pt``. At the end ``OUT/best.yaml`` holds
@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from fcnseg.config import CHOICES, TrainConfig
 from fcnseg.errors import CheckpointError, DataError, FcnsegError, WeightsError
+from fcnseg.training.config import CHOICES, TrainConfig
 
 STUDY_NAME = "fcnseg-tune"
 INSTALL_HINT = "pip install 'fcnseg[tune]'"
@@ -234,8 +234,8 @@ class _Objective:
         self.progress, self.log, self.optuna = progress, log, optuna
 
     def __call__(self, trial) -> float:
-        from fcnseg.engine import TrainingDiverged
-        from fcnseg.training import train
+        from fcnseg.training.step import TrainingDiverged
+        from fcnseg.training.trainer import train
 
         params = self.space.suggest(trial)
         root = trial.user_attrs.get("resume_of", trial.number)
@@ -301,7 +301,7 @@ def write_best_config(base: TrainConfig, params: dict[str, Any], path: str | Pat
 
     The run folder and resume flag are left out, so that ``--out`` decides where the run goes.
     """
-    from fcnseg.training import _plain
+    from fcnseg.training.trainer import _plain
 
     values = _plain(dataclasses.replace(base, **params).to_dict())
     for key in ("out", "resume", "extra"):
@@ -345,7 +345,7 @@ def _budget_text(config: TrainConfig) -> str:
 
 
 def _comparable(config: TrainConfig, space: SearchSpace) -> dict[str, Any]:
-    from fcnseg.training import _plain
+    from fcnseg.training.trainer import _plain
 
     ignored = _IGNORED_ON_RESUME | set(space.searched())
     return {k: v for k, v in _plain(config.to_dict()).items() if k not in ignored}

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcnseg import fused_loss, native
-from fcnseg.fused_loss import upsample_cross_entropy
+from fcnseg.ops import fused_loss, native
 from fcnseg.models import upsample as upsample_module
 from fcnseg.models.upsample import TransposedConvUpsampler
+from fcnseg.ops.fused_loss import upsample_cross_entropy
 
 
 def reference_loss(score, weight, target, stride, class_weights, reduction):
@@ -113,8 +113,8 @@ def test_fused_loss_refuses_what_it_cannot_compute():
 @pytest.mark.parametrize("variant", ["32s", "8s"])
 def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant):
     from fcnseg import fcn_resnet18
-    from fcnseg.engine import segmentation_loss
-    from fcnseg.fused_loss import fcn_cross_entropy
+    from fcnseg.ops.loss import segmentation_loss
+    from fcnseg.training.loss import fcn_cross_entropy
 
     torch.manual_seed(0)
     model = fcn_resnet18(variant=variant, num_classes=3, weights_backbone=None, upsampler="xavier").eval()
@@ -192,7 +192,7 @@ def test_fused_loss_is_nan_when_a_score_is():
 
 def test_to_channels_last_keeps_the_fused_upsampler_kernel_contiguous():
     from fcnseg import fcn_resnet18
-    from fcnseg.fused_loss import to_channels_last
+    from fcnseg.models.layout import to_channels_last
 
     model = fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None)
     wrapper = torch.nn.ModuleDict({"fcn": model})  # found inside other modules too

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcnseg.atomic import atomic_write
+from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 from fcnseg.errors import CheckpointError
-from fcnseg.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 from fcnseg.models import build_model
+from fcnseg.runtime import atomic_write
 
 FORMAT = "fcnseg-checkpoint"
 FORMAT_VERSION = 1

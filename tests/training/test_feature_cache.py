@@ -6,14 +6,14 @@ import torch
 from torch.utils.data import Dataset
 
 from fcnseg import fcn_resnet18
-from fcnseg.checkpoint import load_checkpoint
-from fcnseg.config import resolve_config
+from fcnseg.data.samplers import SeededTransformDataset
 from fcnseg.data.transforms import train_transforms
-from fcnseg.engine import segmentation_loss
 from fcnseg.errors import FcnsegError
-from fcnseg.feature_cache import CachedFeatureHead, FeatureCache, pack_features, unpack_features
-from fcnseg.loaders import SeededTransformDataset
-from fcnseg.training import train
+from fcnseg.models.checkpoint import load_checkpoint
+from fcnseg.ops.loss import segmentation_loss
+from fcnseg.training.config import resolve_config
+from fcnseg.training.feature_cache import CachedFeatureHead, FeatureCache, pack_features, unpack_features
+from fcnseg.training.trainer import train
 
 
 class RandomPairs(Dataset):

@@ -1,6 +1,6 @@
 """fcnseg's one compiled kernel: the fused loss's softmax and gradient, built on first use.
 
-The fused loss (`fcnseg.fused_loss`) runs its per-pixel softmax, cross-entropy and gradient in
+The fused loss (`fcnseg.ops.fused_loss`) runs its per-pixel softmax, cross-entropy and gradient in
 eager torch operations, eight passes over the logits; on CPUs with AVX-512 and native bf16 this
 kernel does the same in one pass: a cached frozen-backbone training step takes about a fifth less
 time (measured alternating both paths in one process). torch offers no such fused operation, hence C++ (src/fcnseg/csrc/softmax_grad.cpp),

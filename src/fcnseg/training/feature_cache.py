@@ -19,7 +19,7 @@ it) would be cheaper, but it is not what the full model computes:
 
 So the cache stores ``V`` fixed views of every image: view ``v`` of image ``i`` is exactly the
 sample the uncached run draws in epoch ``v`` (the training set's augmentation is seeded by
-``(seed, epoch, index)``, see `fcnseg.loaders`), and epoch ``e`` of a cached run trains on view
+``(seed, epoch, index)``, see `fcnseg.data.samplers`), and epoch ``e`` of a cached run trains on view
 ``e mod V``. For the first ``V`` epochs a cached run therefore sees the very inputs of an uncached
 frozen run, up to the float16 rounding of the stored features; after that it cycles through them.
 The price is ``V`` body passes in all (instead of one per epoch) and ``V`` times the storage.
@@ -119,11 +119,11 @@ class CachedFeatureHead(nn.Module):
         """``segmentation_loss(self(packed), target)``, with the final upsampling and the loss fused.
 
         Once the body is cached, the full-resolution logits are most of a step's memory traffic;
-        `fcnseg.fused_loss.upsample_cross_entropy` never materialises them (a fixed bilinear
+        `fcnseg.ops.fused_loss.upsample_cross_entropy` never materialises them (a fixed bilinear
         upsampler, which is cheap, runs unfused).
         """
-        from fcnseg.engine import segmentation_loss
-        from fcnseg.fused_loss import upsample_cross_entropy
+        from fcnseg.ops.fused_loss import upsample_cross_entropy
+        from fcnseg.ops.loss import segmentation_loss
 
         if not self.model.upsample_final.learnable:
             return segmentation_loss(self(packed), target, class_weights=class_weights, reduction=reduction)
@@ -188,7 +188,7 @@ class FeatureCache:
             model: an FCN built with ``freeze_backbone=True``; its body runs in eval mode under
                 ``torch.inference_mode`` on the model's device.
             views: the training set, with ``set_epoch(epoch)`` choosing its random augmentation
-                (`fcnseg.loaders.SeededTransformDataset`); view ``v`` is what it yields in epoch ``v``.
+                (`fcnseg.data.samplers.SeededTransformDataset`); view ``v`` is what it yields in epoch ``v``.
                 Every sample must have the same size (the training crop).
             num_views: V, at least 1.
             directory: keep the cache in memory-mapped files here; a complete cache of the same
@@ -319,11 +319,11 @@ def cached_head_training(model: FCN, train_set: Dataset, config: Any, device: to
 
     Args:
         model: the frozen-backbone FCN, on ``device``.
-        train_set: the augmented training set (`fcnseg.loaders.SeededTransformDataset`).
-        config: the run's `fcnseg.config.TrainConfig` (``cache_features`` views, ``feature_cache``
+        train_set: the augmented training set (`fcnseg.data.samplers.SeededTransformDataset`).
+        config: the run's `fcnseg.training.config.TrainConfig` (``cache_features`` views, ``feature_cache``
             directory, ``batch_size``, ``workers``, ``channels_last``).
         device: the training device.
-        ctx: the `fcnseg.distributed.DistributedContext`; under DDP the returned module is wrapped
+        ctx: the `fcnseg.training.distributed.DistributedContext`; under DDP the returned module is wrapped
             in DistributedDataParallel, and with a cache directory rank 0 builds it while the
             other ranks wait and then reopen it.
         progress: show a progress bar while caching (rank 0 only).
@@ -332,7 +332,7 @@ def cached_head_training(model: FCN, train_set: Dataset, config: Any, device: to
         ``(module, dataset)``: the module maps a batch of the dataset's inputs to logits; pass them
         to the training step in place of the model and the training set.
     """
-    from fcnseg.distributed import barrier
+    from fcnseg.training.distributed import barrier
 
     distributed = ctx is not None and ctx.enabled
     is_main = ctx is None or ctx.is_main

@@ -24,10 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fcnseg.engine import IGNORE_INDEX, segmentation_loss
-from fcnseg.models.fcn import FCN, OUTPUT_STRIDE, pad_to_multiple
+from fcnseg.constants import IGNORE_INDEX
 from fcnseg.models.upsample import TransposedConvUpsampler, low_precision_dtype
-from fcnseg.native import softmax_grad_kernel
+from fcnseg.ops.native import softmax_grad_kernel
 
 # Pixels per chunk: 2**17 pixels of 21 classes are 11 MB of float32 logits, small enough to stay in
 # this CPU's cache, large enough for efficient GEMMs.
@@ -81,50 +80,6 @@ def upsample_cross_entropy(
     with torch.autocast(score.device.type, enabled=False):
         return _UpsampleCrossEntropy.apply(score, upsampler.weight, target, upsampler.stride, class_weights,
                                            reduction, ignore_index, dtype)
-
-
-def fcn_cross_entropy(
-    model: FCN,
-    image: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    class_weights: torch.Tensor | None = None,
-    reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
-    """``segmentation_loss(model(image), target)`` with the model's last upsampling fused into the loss.
-
-    The whole model trains as it would through ``model(image)`` (same modules, same BatchNorm
-    behaviour); only the final upsampler and the cross-entropy are computed by
-    `upsample_cross_entropy`. A fixed final upsampler runs unfused.
-
-    Args:
-        model: an `FCN`, not wrapped (DistributedDataParallel synchronises gradients through the
-            wrapper's forward call, which this bypasses).
-        image: ``(N, 3, H, W)`` normalised.
-        target: ``(N, H, W)`` int64.
-    """
-    if not model.upsample_final.learnable:
-        return segmentation_loss(model(image), target, class_weights=class_weights, reduction=reduction,
-                                 ignore_index=ignore_index)
-    c8, c16, c32 = model.backbone(pad_to_multiple(image, OUTPUT_STRIDE))
-    return upsample_cross_entropy(model.scores(c8, c16, c32), model.upsample_final, target,
-                                  class_weights=class_weights, reduction=reduction, ignore_index=ignore_index)
-
-
-def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
-    """``model.to(memory_format=torch.channels_last)``, except each FCN's learned final upsampler.
-
-    Channels-last memory speeds up oneDNN's convolutions in the body and heads. The fused loss
-    instead reads the final upsampler's kernel in tiles of its two spatial axes, which a
-    channels-last kernel would turn into transposing copies (4% of a cached bf16 step here), so
-    that kernel stays contiguous. Returns ``model``, changed in place.
-    """
-    model.to(memory_format=torch.channels_last)
-    for module in model.modules():
-        if isinstance(module, FCN) and module.upsample_final.learnable:
-            module.upsample_final.to(memory_format=torch.contiguous_format)
-    return model
 
 
 def _cell_runs(cells: int, stride: int, length: int) -> list[tuple[int, int, int, int]]:
@@ -386,4 +341,4 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-__all__ = ["upsample_cross_entropy", "fcn_cross_entropy", "to_channels_last"]
+__all__ = ["upsample_cross_entropy"]

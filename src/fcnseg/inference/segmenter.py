@@ -1,0 +1,202 @@
+"""`Segmenter`: a model with its class names, colours and normalisation, predicting photos.
+
+It turns photos in any form (path, PIL image, array, tensor) into label maps of exactly the
+photo's size, by whole-image or sliding-window prediction (`fcnseg.inference.windows`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence, overload
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD
+from fcnseg.imageio import ImageLike, to_rgb_array
+from fcnseg.inference.windows import DEFAULT_WINDOW, MODES, Mode, Size, predict_sliding, predict_whole
+from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
+from fcnseg.models.inference_form import inference_form
+from fcnseg.runtime import select_device
+
+
+def image_to_tensor(image: ImageLike) -> torch.Tensor:
+    """An image-like value as a float32 ``(3, H, W)`` tensor in 0..1 (not yet normalised).
+
+    Float tensors and arrays are used as given (no rounding to 8 bits); everything else goes
+    through `fcnseg.imageio.to_rgb_array`.
+    """
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"expected an image tensor (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")
+        return image.detach().float().expand(3, -1, -1)
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+        array = image[..., :3] if image.ndim == 3 and image.shape[2] == 4 else image
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3):
+            raise ValueError(f"expected an image array (H, W, 3) or (H, W), got shape {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1).expand(3, -1, -1)
+    array = to_rgb_array(image)
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
+
+
+class Segmenter:
+    """A model with its class metadata, predicting label maps for images of any size.
+
+    Args:
+        model: the FCN. With ``optimize`` a copy of it is moved to ``device`` and put in eval mode;
+            otherwise the model itself is.
+        classes: class names, index = class id.
+        colors: one RGB triple per class.
+        mean, std: the normalisation the model was trained with (per channel, on 0..1 values).
+        device: "auto"/None for the best available device, or a device name.
+        mode: "whole" (one pass per image) or "sliding" (windows averaged, see `predict_sliding`).
+        window, stride: sliding-window geometry; ``stride`` None for two thirds of the window.
+        flip: horizontal-flip test-time augmentation.
+        batch_size: images (whole mode) or windows (sliding mode) per forward pass.
+        dtype: autocast dtype (``torch.bfloat16``, ``torch.float16``) or None for float32.
+        ignore_index: the void label of the training data (kept as metadata; never predicted).
+        optimize: predict with `fcnseg.models.inference_form` of an fcnseg FCN (BatchNorm folded
+            into the convolutions, channels-last memory: the same logits up to float rounding,
+            faster); a copy, so ``model`` itself is left as it is. False, or a model that is not an
+            fcnseg FCN, predicts with ``model`` as given.
+
+    Example:
+        >>> segmenter = Segmenter.from_checkpoint("runs/voc/best.pt")
+        >>> label = segmenter.predict("photo.jpg")          # (H, W) int64 class ids
+        >>> proba = segmenter.predict_proba("photo.jpg")    # (C, H, W) float32
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classes: Sequence[str],
+        colors: Sequence[Sequence[int]],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        device: str | torch.device | None = None,
+        *,
+        mode: Mode = "whole",
+        window: Size = DEFAULT_WINDOW,
+        stride: Size | None = None,
+        flip: bool = False,
+        batch_size: int = 8,
+        dtype: torch.dtype | None = None,
+        ignore_index: int = 255,
+        optimize: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if len(classes) != len(colors):
+            raise ValueError(f"{len(classes)} class names but {len(colors)} colours")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.device = select_device(device)
+        self.model = (inference_form(model) if optimize else model).to(self.device).eval()
+        self.classes = list(classes)
+        self.colors = [tuple(int(v) for v in c) for c in colors]
+        self.mean = torch.tensor([float(m) for m in mean], device=self.device).view(3, 1, 1)
+        self.std = torch.tensor([float(s) for s in std], device=self.device).view(3, 1, 1)
+        self.mode = mode
+        self.window = (int(window[0]), int(window[1]))
+        self.stride = stride
+        self.flip = flip
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.ignore_index = ignore_index
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike | dict,
+        device: str | torch.device | None = None,
+        **options,
+    ) -> "Segmenter":
+        """Builds the model a checkpoint describes, with its classes, colours and normalisation.
+
+        Args:
+            checkpoint: a path or an already loaded checkpoint dict.
+            device: as in `Segmenter`.
+            **options: ``mode``, ``window``, ``stride``, ``flip``, ``batch_size``, ``dtype``,
+                ``optimize``.
+
+        Raises:
+            CheckpointError: missing, corrupt or foreign checkpoint.
+        """
+        if not isinstance(checkpoint, dict):
+            checkpoint = load_checkpoint(checkpoint)
+        model = model_from_checkpoint(checkpoint)
+        return cls(model, checkpoint["classes"], checkpoint["colors"], checkpoint["mean"], checkpoint["std"],
+                   device, ignore_index=checkpoint["ignore_index"], **options)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def preprocess(self, image: ImageLike) -> torch.Tensor:
+        """An image as the model's input: ``(3, H, W)`` float32, normalised, on the device."""
+        return (image_to_tensor(image).to(self.device) - self.mean) / self.std
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, C, H, W)`` of a preprocessed batch ``(N, 3, H, W)``, by this segmenter's mode."""
+        if self.mode == "sliding":
+            return predict_sliding(self.model, image, window=self.window, stride=self.stride,
+                                   batch_size=self.batch_size, flip=self.flip, dtype=self.dtype)
+        return predict_whole(self.model, image, flip=self.flip, dtype=self.dtype)
+
+    @overload
+    def predict(self, image: ImageLike) -> np.ndarray: ...
+    @overload
+    def predict(self, image: list[ImageLike]) -> list[np.ndarray]: ...
+
+    def predict(self, image):
+        """Class ids of each pixel.
+
+        Args:
+            image: a path, PIL image, ``(H, W, 3)`` array or ``(3, H, W)`` tensor (uint8 0..255 or
+                float 0..1), of any size; or a list of them.
+
+        Returns:
+            int64 array ``(H, W)`` of the image's exact size, or a list of them for a list.
+        """
+        if isinstance(image, list):
+            return [logits.argmax(0).cpu().numpy() for logits in self._logits_each(image)]
+        return self._logits_each([image])[0].argmax(0).cpu().numpy()
+
+    @overload
+    def predict_proba(self, image: ImageLike) -> np.ndarray: ...
+    @overload
+    def predict_proba(self, image: list[ImageLike]) -> list[np.ndarray]: ...
+
+    def predict_proba(self, image):
+        """Class probabilities (softmax of the logits), as `predict` takes images.
+
+        Returns:
+            float32 array ``(C, H, W)``, or a list of them for a list.
+        """
+        if isinstance(image, list):
+            return [logits.softmax(0).cpu().numpy() for logits in self._logits_each(image)]
+        return self._logits_each([image])[0].softmax(0).cpu().numpy()
+
+    def _logits_each(self, images: list[ImageLike]) -> list[torch.Tensor]:
+        """Logits ``(C, H, W)`` per image, in order; images of equal size share forward passes.
+
+        Only equal sizes are batched: padding a smaller image to a larger one would change the
+        logits near its border (the model's receptive field sees the padding), so results would
+        depend on which other images happen to be in the list.
+        """
+        tensors = [self.preprocess(image) for image in images]
+        results: list[torch.Tensor | None] = [None] * len(tensors)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            by_size.setdefault(tuple(tensor.shape[-2:]), []).append(index)
+        # In sliding mode the batch is of windows, so images go one at a time into predict_sliding.
+        per_pass = self.batch_size if self.mode == "whole" else 1
+        for indices in by_size.values():
+            for start in range(0, len(indices), per_pass):
+                chunk = indices[start : start + per_pass]
+                logits = self.logits(torch.stack([tensors[i] for i in chunk]))
+                for i, item in zip(chunk, logits):
+                    results[i] = item
+        return results

@@ -1,0 +1,193 @@
+"""Prediction on whole images of any size: one pass, or overlapping windows averaged, and flips.
+
+The FCN is fully convolutional, so the simplest prediction is one forward pass over the whole
+image (the model pads to a multiple of 32 and crops back). Sliding-window prediction instead runs
+fixed-size windows (the training crop size) over a grid and averages the logits where windows
+overlap, the algorithm of mmsegmentation's ``slide_inference`` written as pure functions:
+`window_grid` places the windows, `merge_windows` averages them with a count map.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from fcnseg.runtime import autocast_context
+
+Size = tuple[int, int]
+Mode = Literal["whole", "sliding"]
+MODES: tuple[str, ...] = ("whole", "sliding")
+DEFAULT_WINDOW: Size = (320, 480)  # the chapter's training crop
+
+
+def default_stride(window: Size) -> Size:
+    """Two thirds of the window, rounded up: every pixel away from the edges is seen by 1-4 windows."""
+    return (math.ceil(window[0] * 2 / 3), math.ceil(window[1] * 2 / 3))
+
+
+def window_grid(height: int, width: int, window: Size, stride: Size) -> list[Size]:
+    """Top-left corners ``(y, x)`` of the windows that cover an image, row by row.
+
+    Windows start every ``stride`` pixels; the last window of each row and column is moved back so
+    that it ends exactly at the image edge (mmsegmentation's ``slide_inference``), so the whole
+    image is covered and no window hangs over it. Along a side shorter than the window there is one
+    window at 0, of the image's size: the model accepts any size, so nothing needs padding.
+
+    Args:
+        height, width: image size.
+        window: window size ``(h, w)``.
+        stride: step ``(h, w)`` between windows; at most the window size, so that no pixel is skipped.
+
+    Returns:
+        Corners; each window spans ``[y, y + min(window_h, height))`` by ``[x, x + min(window_w, width))``.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if min(window) < 1 or min(stride) < 1:
+        raise ValueError(f"window and stride must be positive, got window {window}, stride {stride}")
+    if stride[0] > window[0] or stride[1] > window[1]:
+        raise ValueError(f"stride {stride} is larger than window {window}: pixels between windows would be skipped")
+    ys = _starts(height, window[0], stride[0])
+    xs = _starts(width, window[1], stride[1])
+    return [(y, x) for y in ys for x in xs]
+
+
+def _starts(size: int, window: int, stride: int) -> list[int]:
+    count = max(size - window + stride - 1, 0) // stride + 1
+    last = max(size - window, 0)
+    return [min(i * stride, last) for i in range(count)]
+
+
+def count_map(
+    corners: Sequence[Size], window: Size, height: int, width: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """How many windows cover each pixel: ``(height, width)`` float32.
+
+    Args:
+        corners: top-left ``(y, x)`` of each window.
+        window: the windows' size ``(h, w)`` (clipped at the image edge).
+        height, width: image size.
+    """
+    count = torch.zeros((height, width), dtype=torch.float32, device=device)
+    for y, x in corners:
+        count[y : y + window[0], x : x + window[1]] += 1
+    return count
+
+
+def merge_windows(logits: Sequence[torch.Tensor], corners: Sequence[Size], height: int, width: int) -> torch.Tensor:
+    """Averages window logits into one map; pixels covered by several windows get their mean.
+
+    Args:
+        logits: per window, ``(N, C, h, w)`` or ``(C, h, w)`` logits, all of the same size.
+        corners: top-left ``(y, x)`` of each window in the image.
+        height, width: image size.
+
+    Returns:
+        ``(N, C, height, width)`` float32 (``(C, height, width)`` for unbatched windows).
+
+    Raises:
+        ValueError: no windows, windows of different sizes, or some pixel covered by no window.
+    """
+    if len(logits) == 0 or len(logits) != len(corners):
+        raise ValueError(f"need one corner per window, got {len(logits)} windows and {len(corners)} corners")
+    unbatched = logits[0].ndim == 3
+    batched = [t[None] if unbatched else t for t in logits]
+    size = tuple(batched[0].shape[-2:])
+    if any(tuple(t.shape[-2:]) != size for t in batched):
+        raise ValueError("windows must all have the same size")
+    n, c = batched[0].shape[:2]
+    total = batched[0].new_zeros((n, c, height, width), dtype=torch.float32)
+    for window_logits, (y, x) in zip(batched, corners):
+        total[:, :, y : y + size[0], x : x + size[1]] += window_logits.float()
+    count = count_map(corners, size, height, width, device=total.device)
+    if bool((count == 0).any()):
+        raise ValueError("the windows leave some pixels uncovered")
+    merged = total / count
+    return merged[0] if unbatched else merged
+
+
+def predict_whole(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    flip: bool = False,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Logits of whole images in one forward pass.
+
+    Args:
+        model: the FCN, in eval mode.
+        image: ``(N, 3, H, W)`` normalised, on the model's device.
+        flip: also run the horizontally flipped images and average the logits (flipped back).
+        dtype: run under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``); None leaves
+            the caller's autocast state as it is.
+
+    Returns:
+        ``(N, C, H, W)`` float32 logits.
+    """
+    with torch.inference_mode(), autocast_context(image.device, dtype):
+        return _forward(model, image, flip)
+
+
+def predict_sliding(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    window: Size = DEFAULT_WINDOW,
+    stride: Size | None = None,
+    batch_size: int = 8,
+    flip: bool = False,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Logits of whole images from overlapping windows, averaged where they overlap.
+
+    Args:
+        model: the FCN, in eval mode.
+        image: ``(N, 3, H, W)`` normalised, on the model's device.
+        window: window size ``(h, w)``, normally the training crop size.
+        stride: step between windows; None for two thirds of the window (`default_stride`).
+        batch_size: windows per forward pass (windows of all N images are batched together).
+        flip: horizontal-flip test-time augmentation, as in `predict_whole`.
+        dtype: autocast dtype, as in `predict_whole`.
+
+    Returns:
+        ``(N, C, H, W)`` float32 logits.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    window = (int(window[0]), int(window[1]))
+    stride = default_stride(window) if stride is None else (int(stride[0]), int(stride[1]))
+    n, _, height, width = image.shape
+    corners = window_grid(height, width, window, stride)
+    h, w = min(window[0], height), min(window[1], width)
+    # Every window has the same size (they are clamped inside the image), so windows of all
+    # images stack into batches; crops are views, copied only batch by batch.
+    crops = [(i, y, x) for i in range(n) for (y, x) in corners]
+    total = None
+    with torch.inference_mode(), autocast_context(image.device, dtype):
+        for start in range(0, len(crops), batch_size):
+            chunk = crops[start : start + batch_size]
+            batch = torch.stack([image[i, :, y : y + h, x : x + w] for i, y, x in chunk])
+            logits = _forward(model, batch, flip)
+            if total is None:
+                # In the logits' memory layout (channels-last from the fast upsampler): adding a
+                # channels-last window into an NCHW total transposes it and measured 20% of a
+                # window's time here.
+                layout = torch.channels_last if logits.stride(1) == 1 else torch.contiguous_format
+                total = logits.new_zeros((n, logits.shape[1], height, width)).contiguous(memory_format=layout)
+            for (i, y, x), window_logits in zip(chunk, logits):
+                total[i, :, y : y + h, x : x + w] += window_logits
+        # Accumulated window by window rather than through merge_windows, so that only one
+        # batch of window logits is held at a time; the average is the same.
+        return total / count_map(corners, (h, w), height, width, device=total.device)
+
+
+def _forward(model: nn.Module, image: torch.Tensor, flip: bool) -> torch.Tensor:
+    if not flip:
+        return model(image).float()
+    # Image and mirror go through in one batch, so flip costs one call, not two.
+    both = model(torch.cat([image, image.flip(-1)])).float()
+    plain, mirrored = both.chunk(2)
+    return (plain + mirrored.flip(-1)) / 2

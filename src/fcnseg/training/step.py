@@ -1,0 +1,85 @@
+"""One optimiser step over one or more micro-batches; model, data and optimiser come in as arguments."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from fcnseg.errors import FcnsegError
+from fcnseg.ops.loss import segmentation_loss
+from fcnseg.runtime import autocast_context
+
+
+class TrainingDiverged(FcnsegError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    images: int
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    class_weights: torch.Tensor | None = None,
+    loss_reduction: str = "mean",
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> StepResult:
+    """One optimiser step over one or more micro-batches (gradient accumulation).
+
+    Args:
+        compute_loss: ``(image, target) -> loss`` in place of ``segmentation_loss(model(image),
+            target)`` (e.g. `CachedFeatureHead.loss`, which fuses the last layer with the loss);
+            it runs under the same autocast and must compute the same function.
+
+    Raises:
+        TrainingDiverged: a loss is NaN or infinite; the optimiser step is not taken.
+    """
+    micro_batches = list(micro_batches)
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, images = 0.0, 0
+    for i, (image, target) in enumerate(micro_batches):
+        image = image.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if (last or no_sync is None) else no_sync()
+        with sync:
+            if compute_loss is not None:
+                with autocast_context(device, amp_dtype):
+                    loss = compute_loss(image, target)
+            else:
+                with autocast_context(device, amp_dtype):
+                    logits = model(image)
+                loss = segmentation_loss(logits, target, class_weights=class_weights, reduction=loss_reduction)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()}; stopping (lower the learning rate or disable fp16 AMP); "
+                    "the last good checkpoint is kept"
+                )
+            scaled = loss / len(micro_batches)
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        total_loss += loss.item()
+        images += image.shape[0]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return StepResult(loss=total_loss / len(micro_batches), images=images)
