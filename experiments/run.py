@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runner import ExperimentError, Runner, TrainRun, shared_data_dir  # noqa: E402
+from repo_paths import repo_relative, shared_data_dir  # noqa: E402
+from runner import ExperimentError, Runner, TrainRun  # noqa: E402
 from tables import Row, format_seconds, write_table  # noqa: E402
 
 TABLES = ("q1", "q2", "q3", "q4", "q5")
@@ -327,7 +328,7 @@ def hardware() -> str:
 
 def write_summary(out: Path) -> Path:
     """OUT/RESULTS.md: every table written so far, in order."""
-    parts = [f"# Experiment tables ({out})", ""]
+    parts = [f"# Experiment tables ({repo_relative(str(out))})", ""]
     for key in TABLES:
         table = out / key / "table.md"
         if table.exists():

@@ -15,13 +15,14 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
+
+from repo_paths import command_text
 
 
 class ExperimentError(RuntimeError):
@@ -86,9 +87,11 @@ class Runner:
         run_dir = self.out / "runs" / name
         command = ["train", *args, "--out", str(run_dir)]
         self.commands.append(command)
+        # The spec keeps the command as run (absolute paths included): it identifies the run folder, and
+        # one made before the documents showed relative paths must still match.
         spec = {"command": command, "inputs": {k: _sha256(Path(v)) for k, v in (inputs or {}).items()}}
         if self.dry_run:
-            self.log("fcnseg " + " ".join(command))
+            self.log(command_text(command))
             return None
         self._check_spec(run_dir / "experiment.json", spec)
         if not (run_dir / "metrics.json").exists():
@@ -113,7 +116,7 @@ class Runner:
         command = ["eval", str(checkpoint), *args, "--out", str(out_json)]
         self.commands.append(command)
         if self.dry_run:
-            self.log("fcnseg " + " ".join(command))
+            self.log(command_text(command))
             return None
         spec = {"command": command, "inputs": {"checkpoint": _sha256(checkpoint)}}
         self._check_spec(out_json.with_suffix(".experiment.json"), spec)
@@ -131,7 +134,7 @@ class Runner:
         command = ["tune", *args, "--out", str(study_dir)]
         self.commands.append(command)
         if self.dry_run:
-            self.log("fcnseg " + " ".join(command))
+            self.log(command_text(command))
             return None
         self.log(f"[tune] {study_dir}")
         self._launch(command, study_dir / "tune.log")
@@ -153,7 +156,7 @@ class Runner:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         tic = time.perf_counter()
         with open(log_path, "a") as log_file:
-            log_file.write(f"$ fcnseg {' '.join(argv)}\n")
+            log_file.write(f"$ {command_text(argv)}\n")
             log_file.flush()
             if self.launcher == "subprocess":
                 status = _run_subprocess(argv, log_file)
@@ -223,9 +226,3 @@ def _describe(spec: dict[str, Any]) -> str:
     if spec.get("inputs"):
         text += "  (inputs " + ", ".join(f"{k} {v}" for k, v in spec["inputs"].items()) + ")"
     return text
-
-
-def shared_data_dir() -> Path:
-    """../shared/data beside the repository, or $FCNSEG_SHARED_DATA (as the tests find it)."""
-    repo = Path(__file__).resolve().parents[1]
-    return Path(os.environ.get("FCNSEG_SHARED_DATA", repo.parent / "shared" / "data"))

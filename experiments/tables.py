@@ -1,4 +1,5 @@
-"""Markdown and JSON tables of segmentation metrics: one row per run, per-class IoU in columns."""
+"""Markdown and JSON tables of segmentation metrics: one row per run, per-class IoU in columns, the
+commands that made them below (with paths relative to the repository, see repo_paths.py)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from repo_paths import command_text, repo_relative
 
 
 @dataclass
@@ -86,11 +89,20 @@ def write_table(out_dir: str | Path, key: str, title: str, caption: str, rows: l
     commands = [row.command for row in rows if row.command]
     if commands:
         parts += ["", "<details><summary>Commands</summary>", "", "```bash",
-                  *["fcnseg " + " ".join(c) for c in commands], "```", "", "</details>"]
+                  *[command_text(c) for c in commands], "```", "", "</details>"]
     md_path = out_dir / "table.md"
     md_path.write_text("\n".join(parts) + "\n")
     payload = {"table": key, "title": title, "caption": caption, "time_label": time_label,
-               "settings": settings or {}, "notes": list(notes), "rows": [asdict(r) for r in rows]}
+               "settings": settings or {}, "notes": list(notes), "rows": [_row_record(r) for r in rows]}
     json_path = out_dir / "table.json"
     json_path.write_text(json.dumps(payload, indent=2, default=str))
     return md_path, json_path
+
+
+def _row_record(row: Row) -> dict[str, Any]:
+    """A row for table.json, its run folder and command with paths relative to the repository, as
+    table.md shows them."""
+    record = asdict(row)
+    record["run"] = repo_relative(row.run) if row.run else row.run
+    record["command"] = [repo_relative(arg) for arg in row.command]
+    return record

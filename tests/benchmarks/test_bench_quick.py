@@ -41,7 +41,7 @@ def test_quick_benchmark_reports_every_section(tmp_path):
 
 def test_rounds_merge_to_the_median_of_every_number():
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_speed import median_merge
+    from case_runner import median_merge  # benchmarks/case_runner.py
 
     rounds = [{"a": {"ips": 3.0, "batches": {"1": {"s": 1.0}}}, "note": "x", "flag": True},
               {"a": {"ips": 1.0, "batches": {"1": {"s": 5.0}}}, "note": "y", "flag": False},
