@@ -19,7 +19,7 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from fcnseg.constants import IGNORE_INDEX
-from fcnseg.imageio import ImageLike, to_rgb_array
+from fcnseg.data.io import ImageLike, to_rgb_array
 
 Color = Sequence[int]
 LabelLike = np.ndarray | torch.Tensor

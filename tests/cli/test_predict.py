@@ -1,6 +1,7 @@
 """`fcnseg predict`: outputs per image, bad inputs reported and skipped, exit status."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,43 @@ def test_bad_checkpoint_is_a_clean_error(photos, tmp_path, capsys):
     bad.write_bytes(b"garbage")
     assert _run(bad, photos, "--out", tmp_path / "out") == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_mask_with_an_unknown_colour_fails_its_image_with_a_clear_error(checkpoint, photos, tmp_path, capsys):
+    # One policy with training and `fcnseg eval`: a colour outside the class list is an error naming the
+    # mask, the colour and where it is, not a region silently shown as void (the former behaviour).
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    rgb = np.zeros((64, 96, 3), np.uint8)
+    rgb[:, 48:] = COLORS[1]
+    rgb[10, 70] = (1, 2, 3)
+    Image.fromarray(rgb).save(masks / "street.png")
+    out = tmp_path / "out"
+    status = _run(checkpoint, photos / "street.jpg", photos / "gray.png", "--out", out, "--masks", masks)
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "1 ok, 1 failed" in captured.out
+    message = r"street.png: colour \(1, 2, 3\) at row 10, column 70 is not a class colour .*repaint"
+    assert re.search(message, captured.out) and re.search(message, captured.err)
+    assert not (out / "street.png").exists()  # no outputs for the failed image
+    assert (out / "gray_grid.png").is_file()  # the other image goes on (it has no mask: no third column)
+
+    rgb[10, 70] = COLORS[2]  # every colour a class colour: fine
+    Image.fromarray(rgb).save(masks / "street.png")
+    assert _run(checkpoint, photos / "street.jpg", "--out", out, "--masks", masks / "street.png") == 0
+
+
+def test_rotated_phone_photo_gives_upright_outputs(checkpoint, tmp_path, capsys):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40x64 (HxW), shown 64x40
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "phone.jpg", exif=exif, quality=95)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.ones((64, 40), np.uint8), "L").save(masks / "phone.png")  # drawn on the upright photo
+    out = tmp_path / "out"
+    assert _run(checkpoint, tmp_path / "phone.jpg", "--out", out, "--masks", masks) == 0
+    assert "warning" not in capsys.readouterr().err  # the mask fits the upright photo
+    for name in ("phone.png", "phone_overlay.png"):
+        with Image.open(out / name) as written:
+            assert written.size == (40, 64)  # (W, H) as a viewer shows the photo

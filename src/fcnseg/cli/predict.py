@@ -3,7 +3,9 @@
 For each input image it writes ``<stem>.png`` (a palette PNG whose pixel values are the class ids,
 shown in the checkpoint's colours), ``<stem>_overlay.png`` (the colours blended over the photo)
 and, with ``--grid``, ``<stem>_grid.png`` (image | prediction | ground truth, with a legend). A file
-that cannot be read is reported and skipped; the exit status is 1 when any input failed.
+that cannot be read is reported and skipped; the exit status is 1 when any input failed. Ground-truth
+masks (``--masks``) are read as training and ``fcnseg eval`` read them: a mask that cannot be read,
+or that holds a colour or id outside the checkpoint's classes, fails its image the same way.
 """
 from __future__ import annotations
 
@@ -11,9 +13,15 @@ import argparse
 import glob
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fcnseg.errors import FcnsegError
 from fcnseg.training.config import parse_size
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from fcnseg.inference.segmenter import Segmenter
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,13 +55,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from fcnseg.imageio import load_image
-    from fcnseg.inference.segmenter import Segmenter
-    from fcnseg.inference.windows import DEFAULT_WINDOW
-    from fcnseg.models.checkpoint import load_checkpoint
-    from fcnseg.runtime import resolve_amp_dtype, select_device
-    from fcnseg.visualize import overlay, save_palette_png, save_prediction_grid, save_rgb_png
-
     if not 0.0 <= args.alpha <= 1.0:
         raise FcnsegError(f"--alpha must be between 0 and 1, got {args.alpha}")
     if args.batch_size < 1:
@@ -69,34 +70,14 @@ def run(args: argparse.Namespace) -> int:
     names = output_names(files)
     _refuse_overwriting_inputs(files, names, out, grid)
 
-    try:
-        device = select_device(args.device)
-    except (ValueError, RuntimeError) as err:
-        raise FcnsegError(str(err)) from None
-    checkpoint = load_checkpoint(args.checkpoint)
-    config = checkpoint.get("config")
-    crop = config.get("crop") if isinstance(config, dict) else None
-    window = args.window or (tuple(crop) if crop else DEFAULT_WINDOW)
-    segmenter = Segmenter.from_checkpoint(checkpoint, device=device, mode=args.mode, window=window, stride=args.stride,
-                                          flip=args.flip, batch_size=args.batch_size,
-                                          dtype=resolve_amp_dtype(args.amp, device))
-    del checkpoint  # the model holds its own copy of the weights
+    segmenter = _load_segmenter(args)
     out.mkdir(parents=True, exist_ok=True)
 
     ok = 0
     bar = tqdm(files, desc="predict", unit="image", disable=args.no_progress or not files, file=sys.stderr)
     for path in bar:
-        name = names[path]
         try:
-            image = load_image(path)
-            pred = segmenter.predict(image)
-            save_palette_png(pred, segmenter.colors, out / f"{name}.png")
-            save_rgb_png(overlay(image, pred, segmenter.colors, args.alpha, ignore_index=segmenter.ignore_index),
-                         out / f"{name}_overlay.png")
-            if grid:
-                target = _ground_truth(path, masks, image.shape[:2], segmenter.colors, bar)
-                save_prediction_grid([(image, pred, target)], segmenter.classes, segmenter.colors,
-                                     out / f"{name}_grid.png", ignore_index=segmenter.ignore_index)
+            _predict_one(path, out, names[path], segmenter, masks, grid, args.alpha, bar)
         except (FcnsegError, OSError) as err:  # unreadable input or unwritable output: skip, go on
             failures.append((str(path), str(err)))
             bar.write(f"failed: {_describe(str(path), str(err))}", file=sys.stderr)
@@ -110,8 +91,53 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _load_segmenter(args: argparse.Namespace) -> Segmenter:
+    """The checkpoint's model as a Segmenter with the command's options; the window defaults to the training crop."""
+    from fcnseg.inference.segmenter import Segmenter
+    from fcnseg.inference.windows import DEFAULT_WINDOW
+    from fcnseg.models.checkpoint import load_checkpoint
+    from fcnseg.runtime import resolve_amp_dtype, select_device
+
+    try:
+        device = select_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        raise FcnsegError(str(err)) from None
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = checkpoint.get("config")
+    crop = config.get("crop") if isinstance(config, dict) else None
+    window = args.window or (tuple(crop) if crop else DEFAULT_WINDOW)
+    segmenter = Segmenter.from_checkpoint(checkpoint, device=device, mode=args.mode, window=window, stride=args.stride,
+                                          flip=args.flip, batch_size=args.batch_size,
+                                          dtype=resolve_amp_dtype(args.amp, device))
+    del checkpoint  # the model holds its own copy of the weights
+    return segmenter
+
+
+def _predict_one(path: Path, out: Path, name: str, segmenter: Segmenter, masks: Path | None, grid: bool,
+                 alpha: float, bar) -> None:
+    """Writes ``<name>.png``, ``<name>_overlay.png`` and, with ``grid``, ``<name>_grid.png`` into ``out``.
+
+    Raises:
+        FcnsegError: the image or its ground-truth mask cannot be read (nothing is written then).
+        OSError: an output cannot be written.
+    """
+    from fcnseg.data.io import to_rgb_array
+    from fcnseg.visualize import overlay, save_palette_png, save_prediction_grid, save_rgb_png
+
+    image = to_rgb_array(path)
+    # Ground truth first: a mask that breaks the class list fails this input before any output.
+    target = _ground_truth(path, masks, image.shape[:2], segmenter, bar) if grid else None
+    pred = segmenter.predict(image)
+    save_palette_png(pred, segmenter.colors, out / f"{name}.png")
+    save_rgb_png(overlay(image, pred, segmenter.colors, alpha, ignore_index=segmenter.ignore_index),
+                 out / f"{name}_overlay.png")
+    if grid:
+        save_prediction_grid([(image, pred, target)], segmenter.classes, segmenter.colors,
+                             out / f"{name}_grid.png", ignore_index=segmenter.ignore_index)
+
+
 def _describe(where: str, reason: str) -> str:
-    # Errors from fcnseg.imageio already start with the file name.
+    # Errors from fcnseg.data.io already start with the file name.
     return reason if reason.startswith(where) else f"{where}: {reason}"
 
 
@@ -121,7 +147,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]
     Returns:
         The image files, and ``(input, reason)`` for inputs that name nothing.
     """
-    from fcnseg.imageio import list_images
+    from fcnseg.data.io import list_images
 
     files: list[Path] = []
     failures: list[tuple[str, str]] = []
@@ -175,10 +201,19 @@ def _refuse_overwriting_inputs(files: list[Path], names: dict[Path, str], out: P
                 raise FcnsegError(f"writing {target} would overwrite an input image; choose another --out folder")
 
 
-def _ground_truth(path: Path, masks: Path | None, size: tuple[int, int], colors, bar):
-    """The ground-truth mask of an image, or None (with a note) when there is none or it does not fit."""
+def _ground_truth(path: Path, masks: Path | None, size: tuple[int, int], segmenter: Segmenter,
+                  bar) -> np.ndarray | None:
+    """The ground-truth mask of an image, or None (with a note) when there is none or it does not fit.
+
+    The mask is read as training and ``fcnseg eval`` read it (`fcnseg.data.io.read_mask`, with the
+    checkpoint's classes, colours and void id): a colour or id outside the class list is an error
+    naming the mask, which fails this input, not a silently void region.
+
+    Raises:
+        DataError: the mask is unreadable or holds a colour or id that is no class and not void.
+    """
     from fcnseg.constants import MASK_EXTENSIONS
-    from fcnseg.imageio import load_mask
+    from fcnseg.data.io import read_mask
 
     if masks is None:
         return None
@@ -189,11 +224,8 @@ def _ground_truth(path: Path, masks: Path | None, size: tuple[int, int], colors,
         candidate = next((c for c in candidates if c.is_file()), None)
         if candidate is None:
             return None
-    try:
-        target = load_mask(candidate, colors)
-    except FcnsegError as err:
-        bar.write(f"warning: ground truth not shown: {err}", file=sys.stderr)
-        return None
+    target = read_mask(candidate, num_classes=segmenter.num_classes, void_id=segmenter.ignore_index,
+                       colors=segmenter.colors).numpy()
     if target.shape != tuple(size):
         bar.write(f"warning: ground truth not shown: {candidate} is {target.shape[0]}x{target.shape[1]} "
                   f"but {path} is {size[0]}x{size[1]}", file=sys.stderr)

@@ -13,8 +13,9 @@ from typing import Any
 from fcnseg.constants import IGNORE_INDEX
 from fcnseg.data.base import PairTransform, SegmentationDataset
 from fcnseg.data.camvid import CAMVID_CLASSES, CAMVID_COLORS, CamVid
+from fcnseg.data.classes import default_palette, read_class_file
 from fcnseg.data.collate import pad_collate
-from fcnseg.data.folder import FolderDataset, default_palette, read_class_file
+from fcnseg.data.folder import FolderDataset
 from fcnseg.data.io import read_image, read_mask
 from fcnseg.data.synthetic import make_synthetic
 from fcnseg.data.transforms import d2l_transforms, eval_transforms, train_transforms

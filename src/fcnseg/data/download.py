@@ -189,6 +189,20 @@ def _merge_into(source: Path, target: Path) -> None:
             os.replace(entry, dest)
 
 
+def find_voc2012(root: str | os.PathLike) -> Path | None:
+    """Returns the ``VOC2012`` folder under ``root``, or None.
+
+    ``root`` may be the folder holding ``VOCdevkit/``, ``VOCdevkit/`` itself, or ``VOC2012/``. It
+    lives here, with the archive's layout, so that `fcnseg.data.voc` depends on this module and
+    not the other way round.
+    """
+    root = Path(root)
+    for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
+        if (candidate / "ImageSets" / "Segmentation").is_dir():
+            return candidate
+    return None
+
+
 def download_voc2012(
     root: str | os.PathLike,
     *,
@@ -216,8 +230,6 @@ def download_voc2012(
         DataError: no URL works (the message says where to put a hand-downloaded copy), the
             archive's checksum is wrong, or it does not hold VOC2012.
     """
-    from fcnseg.data.voc import find_voc2012
-
     urls = VOC2012_URLS if urls is None else urls
     md5 = VOC2012_MD5 if md5 is None else md5
     root = Path(root)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from fcnseg.constants import IGNORE_INDEX
-from fcnseg.data.folder import default_palette
+from fcnseg.data.classes import default_palette
 from fcnseg.errors import DataError
 
 SHAPES = ("disc", "rectangle", "triangle", "ring", "cross", "ellipse", "diamond", "crescent")

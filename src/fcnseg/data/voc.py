@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
 from fcnseg.constants import IGNORE_INDEX
 from fcnseg.data.base import PairTransform, SegmentationDataset, filter_small_images
+from fcnseg.data.download import download_voc2012, find_voc2012
 from fcnseg.data.io import read_mask
 from fcnseg.data.splits import read_split_file
 from fcnseg.errors import DataError
@@ -25,18 +25,6 @@ VOC_COLORMAP = [
 # Palette entry 255 of the VOC PNGs: the void border around objects, seen in RGB copies of the masks.
 VOC_VOID_COLOR = (224, 224, 192)
 VOC_SPLITS = ("train", "val", "trainval")
-
-
-def find_voc2012(root: str | os.PathLike) -> Path | None:
-    """Returns the ``VOC2012`` folder under ``root``, or None.
-
-    ``root`` may be the folder holding ``VOCdevkit/``, ``VOCdevkit/`` itself, or ``VOC2012/``.
-    """
-    root = Path(root)
-    for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
-        if (candidate / "ImageSets" / "Segmentation").is_dir():
-            return candidate
-    return None
 
 
 class VOCSegmentation(SegmentationDataset):
@@ -73,8 +61,6 @@ class VOCSegmentation(SegmentationDataset):
             raise DataError(f"VOC2012 split must be one of {', '.join(VOC_SPLITS)}, not {split!r}")
         base = find_voc2012(root)
         if base is None and download:
-            from fcnseg.data.download import download_voc2012
-
             base = download_voc2012(root)
         if base is None:
             raise DataError(f"no VOC2012 dataset under {root} (looked for VOCdevkit/VOC2012/ImageSets/Segmentation); "

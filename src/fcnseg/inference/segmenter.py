@@ -1,7 +1,9 @@
 """`Segmenter`: a model with its class names, colours and normalisation, predicting photos.
 
 It turns photos in any form (path, PIL image, array, tensor) into label maps of exactly the
-photo's size, by whole-image or sliding-window prediction (`fcnseg.inference.windows`).
+photo's size, by whole-image or sliding-window prediction (`fcnseg.inference.windows`). Photos are
+read by `fcnseg.data.io.image_to_tensor`, the reader training uses too: files upright by their
+EXIF orientation, so a phone photo's label map has the size a viewer shows.
 """
 from __future__ import annotations
 
@@ -13,32 +15,11 @@ import torch
 from torch import nn
 
 from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD
-from fcnseg.imageio import ImageLike, to_rgb_array
+from fcnseg.data.io import ImageLike, image_to_tensor
 from fcnseg.inference.windows import DEFAULT_WINDOW, MODES, Mode, Size, predict_sliding, predict_whole
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.models.inference_form import inference_form
 from fcnseg.runtime import select_device
-
-
-def image_to_tensor(image: ImageLike) -> torch.Tensor:
-    """An image-like value as a float32 ``(3, H, W)`` tensor in 0..1 (not yet normalised).
-
-    Float tensors and arrays are used as given (no rounding to 8 bits); everything else goes
-    through `fcnseg.imageio.to_rgb_array`.
-    """
-    if isinstance(image, torch.Tensor) and image.is_floating_point():
-        if image.ndim != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"expected an image tensor (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")
-        return image.detach().float().expand(3, -1, -1)
-    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
-        array = image[..., :3] if image.ndim == 3 and image.shape[2] == 4 else image
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.ndim != 3 or array.shape[2] not in (1, 3):
-            raise ValueError(f"expected an image array (H, W, 3) or (H, W), got shape {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1).expand(3, -1, -1)
-    array = to_rgb_array(image)
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
 
 
 class Segmenter:
