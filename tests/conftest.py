@@ -1,4 +1,9 @@
-"""Shared fixtures: the real data in ../shared/data, and CPU determinism."""
+"""Shared fixtures: the real data in ../shared/data (the one place that finds it), and CPU determinism.
+
+Tests that need the real data use the fixtures below (``shared_data``, ``voc_sample``,
+``camvid_root``) or call ``require_shared("camvid")`` (``from tests.conftest import require_shared``).
+Absent data skips the test with the reason, except under CI (``CI=true``), where it is a failure.
+"""
 from __future__ import annotations
 
 import os
@@ -6,29 +11,81 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from fcnseg.models.fcn import FCN
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA_ENV = "FCNSEG_SHARED_DATA"
 
 
 def shared_data_dir() -> Path:
     """../shared/data beside the repository, or $FCNSEG_SHARED_DATA."""
-    return Path(os.environ.get("FCNSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    return Path(os.environ.get(SHARED_DATA_ENV, REPO_ROOT.parent / "shared" / "data"))
 
 
-def require_shared(relative: str) -> Path:
+def on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def require_shared(relative: str = "") -> Path:
     """Path of a file or folder in the shared data; skips when absent, fails under CI=true."""
     path = shared_data_dir() / relative
     if not path.exists():
-        message = f"shared data {path} is absent (set FCNSEG_SHARED_DATA or place ../shared/data beside the repo)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + "; CI requires it")
+        message = (f"shared data {path} is absent (set {SHARED_DATA_ENV} to the shared data folder "
+                   "or place it at ../shared/data beside the repository)")
+        if on_ci():
+            pytest.fail(message + "; CI=true requires it")
         pytest.skip(message)
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
-    return require_shared("")
+    """The shared real-data folder (``../shared/data`` or ``$FCNSEG_SHARED_DATA``)."""
+    return require_shared()
+
+
+@pytest.fixture(scope="session")
+def voc_sample() -> Path:
+    """The folder holding ``VOCdevkit/`` with five genuine VOC2012 pairs."""
+    return require_shared("voc2012-sample")
+
+
+@pytest.fixture(scope="session")
+def camvid_root() -> Path:
+    """CamVid (SegNet distribution): train/val images and masks, train.txt and val.txt."""
+    return require_shared("camvid")
+
+
+class TinyBackbone(nn.Module):
+    """Five strided convolutions with taps at strides 8, 16 and 32: the FCN at a fraction of the cost."""
+
+    channels = (8, 16, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv(i: int, o: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(i, o, 3, stride=2, padding=1), nn.ReLU())
+
+        self.stage8 = nn.Sequential(conv(3, 8), conv(8, 8), conv(8, 8))
+        self.stage16 = conv(8, 16)
+        self.stage32 = conv(16, 32)
+
+    def forward(self, x):
+        c8 = self.stage8(x)
+        c16 = self.stage16(c8)
+        return c8, c16, self.stage32(c16)
+
+
+def tiny_fcn(variant: str = "8s", seed: int = 0) -> FCN:
+    torch.manual_seed(seed)
+    model = FCN(TinyBackbone(), 3, variant=variant)
+    for name, param in model.named_parameters():
+        if name.startswith("score"):  # skip scores start at zero; make them count
+            nn.init.normal_(param, std=0.5)
+    return model.eval()
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
-"""Fixtures for the data tests: the real shared data, and tiny dataset trees written on the fly."""
+"""Fixtures for the data tests: tiny dataset trees written on the fly.
+
+The real shared data (``voc_sample``, ``camvid_root``) comes from tests/conftest.py."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -9,39 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
 VOC_PALETTE = [
     (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
     (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128),
     (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128),
 ]
-
-
-def _require(path: Path, what: str) -> Path:
-    # Real data is optional on a laptop but mandatory in CI, where skipping would hide a broken setup.
-    if not path.is_dir():
-        message = f"{what} not found at {path} (set FCNSEG_SHARED_DATA to the shared data folder)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared real-data folder (``../shared/data`` or ``$FCNSEG_SHARED_DATA``)."""
-    return _require(Path(os.environ.get("FCNSEG_SHARED_DATA", REPO.parent / "shared" / "data")), "shared data")
-
-
-@pytest.fixture(scope="session")
-def voc_sample(shared_data: Path) -> Path:
-    """The folder holding ``VOCdevkit/`` with five genuine VOC2012 pairs."""
-    return _require(shared_data / "voc2012-sample", "VOC2012 sample")
-
-
-@pytest.fixture(scope="session")
-def camvid_root(shared_data: Path) -> Path:
-    return _require(shared_data / "camvid", "CamVid")
 
 
 def palette_png(path: Path, ids: np.ndarray, palette=VOC_PALETTE) -> Path:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from types import MappingProxyType
+from typing import Callable, Mapping, Union
 
 import torch
 import torchvision
@@ -29,12 +30,12 @@ class BackboneSpec:
     channels: tuple[int, int, int]  # channels at strides 8, 16, 32
 
 
-BACKBONES: dict[str, BackboneSpec] = {
+BACKBONES: Mapping[str, BackboneSpec] = MappingProxyType({
     "resnet18": BackboneSpec(torchvision.models.resnet18, torchvision.models.ResNet18_Weights, (128, 256, 512)),
     "resnet34": BackboneSpec(torchvision.models.resnet34, torchvision.models.ResNet34_Weights, (128, 256, 512)),
     "resnet50": BackboneSpec(torchvision.models.resnet50, torchvision.models.ResNet50_Weights, (512, 1024, 2048)),
     "mobilenet_v2": BackboneSpec(torchvision.models.mobilenet_v2, torchvision.models.MobileNet_V2_Weights, (32, 96, 1280)),
-}
+})
 
 # MobileNetV2 `features` indices that end each stride: [0, 7) -> 8, [7, 14) -> 16, [14, 19) -> 32.
 _MOBILENET_STAGE_ENDS = (7, 14, 19)

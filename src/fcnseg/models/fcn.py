@@ -7,7 +7,8 @@ transposed convs (the paper's skip architecture); their score layers start at ze
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -191,12 +192,13 @@ def fcn_mobilenet_v2(
                 upsampler=upsampler, freeze_backbone=freeze_backbone)
 
 
-MODEL_BUILDERS: dict[str, Callable[..., FCN]] = {
+# Read-only: the names are what checkpoints store, so code outside this module cannot rebind them.
+MODEL_BUILDERS: Mapping[str, Callable[..., FCN]] = MappingProxyType({
     "fcn_resnet18": fcn_resnet18,
     "fcn_resnet34": fcn_resnet34,
     "fcn_resnet50": fcn_resnet50,
     "fcn_mobilenet_v2": fcn_mobilenet_v2,
-}
+})
 assert {name[len("fcn_"):] for name in MODEL_BUILDERS} == set(BACKBONES)
 
 

@@ -14,7 +14,10 @@ from typing import Any
 
 import yaml
 
+from fcnseg.data.registry import DATASETS
 from fcnseg.errors import FcnsegError, OptionError
+from fcnseg.models.fcn import VARIANTS
+from fcnseg.models.upsample import UPSAMPLER_CHOICES
 
 
 def default_workers() -> int:
@@ -83,11 +86,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_plain_dict(self) -> dict[str, Any]:
+        """`to_dict` with tuples as lists: what YAML files and ``weights_only`` checkpoints hold."""
+        return _plain(self.to_dict())
+
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("voc2012", "camvid", "folder"),
-    "variant": ("32s", "16s", "8s"),
-    "upsampler": ("bilinear", "xavier", "fixed"),
+    "dataset": DATASETS,
+    "variant": VARIANTS,
+    "upsampler": UPSAMPLER_CHOICES,
     "optimizer": ("sgd", "adamw"),
     "schedule": ("constant", "poly", "cosine"),
     "loss_reduction": ("mean", "d2l"),
@@ -184,3 +191,12 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(sizes) != 2 or min(sizes) < 1:
         raise OptionError(f"size must look like HxW with positive sides, got {text!r}")
     return sizes[0], sizes[1]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

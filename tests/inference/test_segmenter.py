@@ -1,0 +1,102 @@
+"""`Segmenter` on every kind of input: sizes, input types, lists, checkpoint metadata, refusals."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fcnseg.inference.segmenter import Segmenter
+from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
+
+CLASSES = ["background", "thing", "stuff"]
+COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    # Smooth gradients plus noise: a random-weight FCN then predicts more than one class.
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([yy * 255 / max(height - 1, 1), xx * 255 / max(width - 1, 1), (yy + xx) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+# --- Segmenter -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter(model):
+    return Segmenter(model, CLASSES, COLORS, device="cpu")
+
+
+@pytest.mark.parametrize("size", [(375, 500), (1, 1), (33, 1000), (67, 93), (64, 96)])
+@pytest.mark.parametrize("mode", ["whole", "sliding"])
+def test_output_has_the_input_size(model, size, mode):
+    segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", mode=mode, window=(160, 240))
+    image = np.zeros((*size, 3), dtype=np.uint8)
+    label = segmenter.predict(image)
+    assert label.shape == size and label.dtype == np.int64
+    assert segmenter.predict_proba(image).shape == (3, *size)
+
+
+def test_every_input_kind_gives_the_same_result(segmenter, tmp_path):
+    photo = _photo(67, 93)
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo).save(path)
+    reference = segmenter.predict_proba(photo)
+    tensor = torch.from_numpy(photo).permute(2, 0, 1)
+    inputs = {
+        "path": path, "str": str(path), "pil": Image.fromarray(photo), "uint8 tensor": tensor,
+        "float tensor": tensor.float() / 255, "float array": photo.astype(np.float32) / 255,
+        "rgba array": np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)]),
+    }
+    for name, value in inputs.items():
+        np.testing.assert_allclose(segmenter.predict_proba(value), reference, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(segmenter.predict(value), reference.argmax(0), err_msg=name)
+    assert reference.std(axis=(1, 2)).min() > 1e-3  # the comparison is not between constant maps
+
+
+def test_grayscale_input_equals_its_rgb_replication(segmenter):
+    gray = _photo(40, 50)[..., 0]
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    expected = segmenter.predict_proba(rgb)
+    np.testing.assert_allclose(segmenter.predict_proba(Image.fromarray(gray, mode="L")), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(segmenter.predict_proba(gray), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lists_batch_equal_sizes_and_keep_order(segmenter):
+    images = [_photo(64, 96, 0), _photo(67, 93, 1), _photo(64, 96, 2), _photo(20, 30, 3)]
+    labels = segmenter.predict(images)
+    probas = segmenter.predict_proba(images)
+    assert isinstance(labels, list) and len(labels) == 4
+    for image, label, proba in zip(images, labels, probas):
+        np.testing.assert_allclose(proba, segmenter.predict_proba(image), rtol=1e-4, atol=1e-5)
+        assert label.shape == image.shape[:2]
+        np.testing.assert_array_equal(label, proba.argmax(0))
+    assert probas[0].dtype == np.float32
+    np.testing.assert_allclose(probas[1].sum(0), 1.0, rtol=1e-5)
+
+
+def test_from_checkpoint_uses_its_metadata(resnet_model, tmp_path):
+    checkpoint = make_checkpoint(resnet_model, classes=CLASSES, colors=COLORS, mean=(0.5, 0.5, 0.5),
+                                 std=(0.25, 0.5, 1.0))
+    path = save_checkpoint(checkpoint, tmp_path / "ck.pt")
+    segmenter = Segmenter.from_checkpoint(path, device="cpu", mode="sliding", window=(32, 48), flip=True)
+    assert segmenter.classes == CLASSES and segmenter.colors == COLORS
+    settings = (segmenter.mode, segmenter.window, segmenter.flip, segmenter.device.type)
+    assert settings == ("sliding", (32, 48), True, "cpu")
+    gray = np.full((8, 8, 3), 255, dtype=np.uint8)
+    x = segmenter.preprocess(gray)
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+    assert segmenter.predict(_photo(40, 60)).shape == (40, 60)
+
+
+def test_segmenter_validates_arguments(model):
+    with pytest.raises(ValueError, match="mode"):
+        Segmenter(model, CLASSES, COLORS, mode="tiles")
+    with pytest.raises(ValueError, match="colours"):
+        Segmenter(model, CLASSES, COLORS[:2])
+    with pytest.raises(ValueError, match="shape"):
+        Segmenter(model, CLASSES, COLORS, device="cpu").predict(torch.zeros(2, 3, 8, 8))

@@ -1,0 +1,185 @@
+"""Evaluation: `evaluate`'s confusion matrix and loss against a hand computation with void pixels;
+`evaluate_checkpoint` on a tiny synthetic dataset against predicting image by image; `write_report`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fcnseg.data import default_palette
+from fcnseg.data.synthetic import make_synthetic, synthetic_classes
+from fcnseg.evaluation import EvaluationReport, evaluate, evaluate_checkpoint, write_report
+from fcnseg.metrics import ConfusionMatrix
+from fcnseg.models import build_model, inference_form
+from fcnseg.models.checkpoint import make_checkpoint, model_from_checkpoint, save_checkpoint
+
+VOID = 255
+CPU = torch.device("cpu")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Scaled(nn.Module):
+    """Logits = 2 * image: predictions are the argmax of the input's channels, known in advance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, image):
+        return image * self.scale
+
+
+def _hand_confusion_and_loss(batches, num_classes):
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    losses = []
+    for image, target in batches:
+        logits = 2 * image.double().numpy()
+        for n, y, x in np.ndindex(target.shape):
+            t = int(target[n, y, x])
+            if t == VOID:
+                continue
+            z = logits[n, :, y, x]
+            matrix[t, int(z.argmax())] += 1
+            losses.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[t])
+    return matrix, float(np.mean(losses))
+
+
+def _toy_batches():
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for n, h, w in [(2, 5, 6), (1, 7, 3), (3, 4, 4)]:
+        image = torch.randn(n, 3, h, w, generator=gen)
+        target = torch.randint(0, 3, (n, h, w), generator=gen)
+        target[torch.rand(n, h, w, generator=gen) < 0.3] = VOID
+        batches.append((image, target))
+    all_void = (torch.randn(1, 3, 2, 2, generator=gen), torch.full((1, 2, 2), VOID))  # adds nothing
+    return batches + [all_void]
+
+
+def test_evaluate_matches_a_hand_computation_with_void_pixels():
+    batches = _toy_batches()
+    model = Scaled().train()
+    metrics, matrix, loss = evaluate(model, batches, 3, device=CPU)
+    expected_matrix, expected_loss = _hand_confusion_and_loss(batches, 3)
+    np.testing.assert_array_equal(matrix.matrix.cpu().numpy(), expected_matrix)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert model.training  # put back in the mode it came in
+
+    total = expected_matrix.sum()
+    assert metrics.num_pixels == total
+    assert metrics.pixel_acc == pytest.approx(np.trace(expected_matrix) / total)
+    diag = np.diag(expected_matrix)
+    iou = diag / (expected_matrix.sum(0) + expected_matrix.sum(1) - diag)
+    assert metrics.miou == pytest.approx(iou.mean())
+    assert metrics.mean_acc == pytest.approx((diag / expected_matrix.sum(1)).mean())
+
+
+def test_evaluate_uses_predict_and_reports_absent_classes():
+    batches = _toy_batches()
+    calls = []
+
+    def predict(model, image):
+        # the channels permuted, and a 4th class that is never predicted (nor in the truth)
+        calls.append(image.shape)
+        logits = model(image)[:, [2, 0, 1]]
+        return torch.cat([logits, torch.full_like(logits[:, :1], -1e9)], 1)
+
+    metrics, matrix, loss = evaluate(Scaled(), batches, 4, device=CPU, predict=predict)
+    assert calls == [image.shape for image, _ in batches]
+    expected_matrix, expected_loss = _hand_confusion_and_loss([(x[:, [2, 0, 1]], t) for x, t in batches], 3)
+    np.testing.assert_array_equal(matrix.matrix.cpu().numpy()[:3, :3], expected_matrix)
+    assert matrix.matrix[3].sum() == 0 and matrix.matrix[:, 3].sum() == 0
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert metrics.absent_classes == [3] and metrics.per_class_iou[3] is None
+
+
+# --- evaluate_checkpoint ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("scenes") / "data", num_classes=3, n=7, size=(40, 56), seed=0,
+                          progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("fcn_mobilenet_v2", variant="8s", num_classes=3, weights_backbone=None).eval()
+    with torch.no_grad():  # random scores without bias, so the random model predicts every class somewhere
+        for name, param in model.named_parameters():
+            if name.startswith("score"):
+                if name.endswith("bias"):
+                    param.zero_()
+                else:
+                    param.normal_(0, 1.0)
+    checkpoint = make_checkpoint(model, classes=synthetic_classes(3), colors=default_palette(3),
+                                 mean=(0.5, 0.4, 0.45), std=(0.25, 0.2, 0.3))
+    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("ck") / "model.pt")
+
+
+def _by_hand(checkpoint_path, root, split, limit=None):
+    """Reads the files named in the split list with PIL, normalises by hand, predicts one image at a time."""
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    model = inference_form(model_from_checkpoint(checkpoint))
+    mean, std = np.array(checkpoint["mean"]), np.array(checkpoint["std"])
+    matrix = np.zeros((3, 3), dtype=np.int64)
+    losses = []
+    pairs = [line.split() for line in (root / f"{split}.txt").read_text().splitlines() if line.strip()]
+    for stem, *_ in pairs[:limit]:
+        image = np.asarray(Image.open(root / "images" / f"{stem}.png").convert("RGB"), dtype=np.float64) / 255
+        mask = np.asarray(Image.open(root / "masks" / f"{stem}.png"))
+        x = torch.from_numpy(((image - mean) / std).transpose(2, 0, 1)[None]).float()
+        with torch.no_grad():
+            logits = model(x)[0].double().numpy()
+        pred = logits.argmax(0)
+        keep = mask != VOID
+        np.add.at(matrix, (mask[keep].astype(np.int64), pred[keep]), 1)
+        z = logits[:, keep]
+        top = z.max(0)
+        losses.append(np.log(np.exp(z - top).sum(0)) + top - z[mask[keep], np.arange(keep.sum())])
+    return len(pairs[:limit]), matrix, float(np.concatenate(losses).mean())
+
+
+@pytest.mark.parametrize("split,batch_size,limit", [("train", 2, None), ("val", 4, None), ("train", 3, 4)])
+def test_evaluate_checkpoint_equals_predicting_by_hand(scenes, checkpoint_path, split, batch_size, limit):
+    report = evaluate_checkpoint(checkpoint_path, "folder", scenes, split, batch_size=batch_size, max_images=limit)
+    count, matrix, loss = _by_hand(checkpoint_path, scenes, split, limit)
+    assert report.num_images == count
+    assert report.classes == synthetic_classes(3) and report.mode == "whole" and not report.flip
+    np.testing.assert_array_equal(report.confusion.matrix.cpu().numpy(), matrix)
+    assert report.val_loss == pytest.approx(loss, rel=1e-4)
+    assert report.metrics.pixel_acc == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert (matrix.sum(0) > 0).sum() >= 2  # the random model does not predict one class everywhere
+
+
+def test_sliding_with_one_window_equals_whole(scenes, checkpoint_path):
+    whole = evaluate_checkpoint(checkpoint_path, "folder", scenes, "train")
+    sliding = evaluate_checkpoint(checkpoint_path, "folder", scenes, "train", mode="sliding", window=(40, 56))
+    assert sliding.mode == "sliding"
+    np.testing.assert_array_equal(sliding.confusion.matrix.numpy(), whole.confusion.matrix.numpy())
+
+
+# --- write_report ----------------------------------------------------------------------------------
+
+
+def test_write_report_writes_json_and_a_confusion_png(tmp_path):
+    matrix = ConfusionMatrix(3)
+    matrix.update(torch.tensor([[0, 1, 2, 2]]), torch.tensor([[0, 1, 1, VOID]]))
+    report = EvaluationReport(matrix.compute(), matrix, ["a", "b", "c"], num_images=1, val_loss=0.5, mode="whole",
+                              seconds=1.234)
+    path = write_report(report, tmp_path / "out" / "report.json")
+    assert path == tmp_path / "out" / "report.json"
+    data = json.loads(path.read_text())
+    assert data["pixel_acc"] == pytest.approx(2 / 3)
+    assert data["per_class_iou"] == {"a": 1.0, "b": 0.5, "c": 0.0}
+    assert (data["num_images"], data["val_loss"], data["mode"], data["flip"], data["seconds"]) == (1, 0.5, "whole",
+                                                                                                 False, 1.23)
+    png = tmp_path / "out" / "report.confusion.png"
+    with Image.open(png) as image:
+        assert image.format == "PNG" and min(image.size) > 50
