@@ -1,9 +1,12 @@
-"""Training end to end on tiny synthetic data: learning, exact resume after SIGKILL, refusals, DDP."""
+"""Training end to end on tiny synthetic data: learning, exact resume after SIGKILL, refusals, DDP,
+the user's own datasets and transforms, callbacks."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +15,11 @@ import pytest
 import torch
 
 from fcnseg.cli import main
-from fcnseg.errors import CheckpointError
+from fcnseg.errors import CheckpointError, FcnsegError
 from fcnseg.models.checkpoint import load_checkpoint
+from fcnseg.training import Callback, TrainConfig
 from fcnseg.training.config import resolve_config
-from fcnseg.training.trainer import KILL_AFTER_STEP_ENV, train
+from fcnseg.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +72,44 @@ def run_cli(args: list[str], env_extra: dict[str, str] | None = None) -> subproc
     return subprocess.run([sys.executable, "-m", "fcnseg", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+class KillAfterStep(Callback):
+    """SIGKILLs its own process right after optimiser step ``step``, as a crash would, to test resume."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state, result) -> None:
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# The CLI's config for the given arguments, trained with a KillAfterStep callback (its source is pasted
+# in): the kill must happen in a separate process, and the production loop has no kill switch.
+KILLED_RUN = """
+import json, os, signal, sys
+from fcnseg.cli import build_parser
+from fcnseg.cli.train import config_from_args
+from fcnseg.training import Callback, train
+
+{callback}
+config = config_from_args(build_parser().parse_args(json.loads(sys.argv[1])))
+train(config, progress=False, callbacks=[KillAfterStep(int(sys.argv[2]))])
+"""
+
+
+def run_killed(args: list[str], step: int) -> subprocess.CompletedProcess:
+    program = KILLED_RUN.format(callback=inspect.getsource(KillAfterStep))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", program, json.dumps(args), str(step)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
 def test_resume_after_sigkill_gives_the_same_weights(tiny_scenes, tmp_path):
     common = ["--checkpoint-every", "2", "--epochs", "2"]
     straight = run_cli(tiny_args(tiny_scenes, tmp_path / "straight", *common))
     assert straight.returncode == 0, straight.stderr
     # Killed with SIGKILL after step 5 (mid-epoch 2; the last checkpoint is from step 4).
-    killed = run_cli(tiny_args(tiny_scenes, tmp_path / "killed", *common), {KILL_AFTER_STEP_ENV: "5"})
+    killed = run_killed(tiny_args(tiny_scenes, tmp_path / "killed", *common), 5)
     assert killed.returncode == -9, killed.stderr
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["global_step"] == 4
     assert not list((tmp_path / "killed").glob("*.tmp"))
@@ -156,3 +192,90 @@ def test_ddp_two_processes_train_and_agree_with_one_process_on_metrics(tiny_scen
         assert single[key] == pytest.approx(ddp_metrics[key], abs=1e-6), key
     checkpoint = load_checkpoint(out / "last.pt")
     assert checkpoint["global_step"] == 16 // (2 * 2)
+
+
+class Squares(torch.utils.data.Dataset):
+    """A user's own in-memory dataset: raw (uint8 image, int64 target) pairs and class names, no colours."""
+
+    classes = ["background", "square"]
+
+    def __init__(self, n: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.pairs = []
+        for _ in range(n):
+            target = torch.zeros(48, 64, dtype=torch.int64)
+            y, x = torch.randint(0, 24, (2,), generator=generator).tolist()
+            target[y:y + 20, x:x + 30] = 1
+            image = torch.where(target.bool(), 200, 30).to(torch.uint8).expand(3, -1, -1).clone()
+            self.pairs.append((image, target))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        return self.pairs[index]
+
+
+def user_config(out: Path, **changes) -> TrainConfig:
+    # No root and no dataset name: the data comes as objects.
+    return TrainConfig(model="fcn_resnet18", variant="8s", weights_backbone=None, crop=(48, 64), scale_range=None,
+                       hflip=False, batch_size=4, epochs=2, workers=0, amp="none", channels_last=False,
+                       out=str(out), **changes)
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int, int]] = []
+        self.epochs: list[tuple[int, dict]] = []
+
+    def on_step_end(self, state, result) -> None:
+        self.steps.append((state.global_step, state.step_in_epoch, result.images))
+
+    def on_epoch_end(self, state, record) -> None:
+        self.epochs.append((state.epoch, record))
+
+
+def test_a_users_own_datasets_and_transforms_train_with_callbacks(tmp_path):
+    from fcnseg.data import default_palette, eval_transforms
+
+    normalise = eval_transforms()
+    transformed = []
+
+    def my_transforms(image, target):  # the images already have the crop's size: normalise only
+        transformed.append(1)
+        return normalise(image, target)
+
+    recorder, plain_records = Recorder(), []
+    result = train(user_config(tmp_path / "run"), train_dataset=Squares(8, seed=0), val_dataset=Squares(4, seed=1),
+                   train_transforms=my_transforms, callbacks=[recorder], on_epoch_end=plain_records.append,
+                   progress=False)
+    assert result.last_checkpoint.exists() and result.best_checkpoint is not None
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "curves.png", "confusion.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    checkpoint = load_checkpoint(result.last_checkpoint)
+    assert checkpoint["classes"] == Squares.classes and checkpoint["global_step"] == 2 * (8 // 4)
+    assert checkpoint["colors"] == [list(c) for c in default_palette(2)]
+    assert len(transformed) == 2 * 8  # every training image of both epochs went through the given transforms
+    # on_step_end: once per optimiser step, with the state already counting that step
+    assert recorder.steps == [(1, 1, 4), (2, 2, 4), (3, 1, 4), (4, 2, 4)]
+    # on_epoch_end: the metrics.jsonl record, once the epoch is counted; the plain function gets it too
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [epoch for epoch, _ in recorder.epochs] == [1, 2]
+    assert [record for _, record in recorder.epochs] == records == plain_records
+    assert all("miou" in r for r in records) and records[-1]["iteration"] == 4
+
+
+def test_a_users_dataset_without_classes_is_refused(tmp_path):
+    class Unnamed(Squares):
+        classes = None
+
+    with pytest.raises(FcnsegError, match="no `classes` attribute"):
+        train(user_config(tmp_path / "run"), train_dataset=Unnamed(4, seed=0), val_dataset=Squares(4, seed=1),
+              progress=False)
+    with pytest.raises(FcnsegError, match="classes .* differ"):
+        wrong = Squares(4, seed=1)
+        wrong.classes = ["sky", "ground"]
+        train(user_config(tmp_path / "run"), train_dataset=Squares(4, seed=0), val_dataset=wrong, progress=False)
+    with pytest.raises(FcnsegError, match="no dataset root"):
+        train(user_config(tmp_path / "run"), train_dataset=Squares(4, seed=0), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """Prediction: whole, sliding-window and flipped (`windows`), and `Segmenter` for photos."""
-from fcnseg.inference.segmenter import Segmenter, image_to_tensor
+from fcnseg.data.io import image_to_tensor
+from fcnseg.inference.segmenter import Segmenter
 from fcnseg.inference.windows import (
     DEFAULT_WINDOW,
     MODES,

@@ -1,37 +1,35 @@
-"""The training pipeline, top to bottom: data, model, optimiser, resume, loop, checkpoints, logs.
+"""The training loop, top to bottom: set-up, resume, epochs of steps, end of epoch, finish.
 
-Reads a resolved `TrainConfig`; the CLI builds that config. Works in one process or under
-``torchrun`` (DDP: rank 0 logs and writes checkpoints; metrics are reduced across ranks).
+`train` reads a resolved `TrainConfig` (the CLI builds it) and, optionally, the user's own datasets
+and transforms. It works in one process or under ``torchrun`` (DDP: rank 0 logs and writes
+checkpoints; metrics are reduced across ranks). Everything the loop counts lives in one `RunState`,
+which every checkpoint saves and a resumed run restores, so a run killed at any step and resumed
+ends with the weights an unbroken run would have.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
-import os
-import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
-import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD
-from fcnseg.data.samplers import ResumableSampler, SeededTransformDataset, image_sizes, size_grouped_batches
+from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from fcnseg.data.samplers import ResumableSampler, size_grouped_batches
 from fcnseg.errors import CheckpointError, FcnsegError
 from fcnseg.evaluation import evaluate
-from fcnseg.metrics import format_metrics_table
 from fcnseg.models import build_model
 from fcnseg.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fcnseg.models.layout import to_channels_last
 from fcnseg.runtime import resolve_amp_dtype, select_device
+from fcnseg.training.callbacks import Callback, CallbackList, EpochEndFunction
 from fcnseg.training.config import TrainConfig
+from fcnseg.training.datasets import PairTransform, TrainingData, build_training_data
 from fcnseg.training.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -40,10 +38,11 @@ from fcnseg.training.distributed import (
     setup_distributed,
 )
 from fcnseg.training.loss import median_frequency_weights
-from fcnseg.training.step import TrainingDiverged, train_step
-
-# Test hook: SIGKILL this process right after the given optimiser step, to prove exact resume.
-KILL_AFTER_STEP_ENV = "FCNSEG_TEST_KILL_AFTER_STEP"
+from fcnseg.training.optim import build_optimizer, build_scheduler
+from fcnseg.training.rng import rng_state, seed_everything, set_rng_state
+from fcnseg.training.run_log import RunLog
+from fcnseg.training.state import RunState
+from fcnseg.training.step import StepResult, TrainingDiverged, train_step
 
 
 @dataclass
@@ -59,323 +58,315 @@ class TrainResult:
     train_seconds: float
 
 
-def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch; called once per run."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    # Plain types only, so the checkpoint loads with weights_only=True.
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-
-
-def build_datasets(config: TrainConfig):
-    """(train dataset with seeded random transforms, val dataset with eval transforms)."""
-    from fcnseg.data import build_dataset
-    from fcnseg.data.transforms import d2l_transforms, eval_transforms, train_transforms
-
-    options: dict[str, Any] = {}
-    if config.border_as_background and config.dataset == "voc2012":
-        options["border_as_background"] = True  # only VOC has a border class to re-read
-    train_options = dict(options)
-    if config.drop_small:
-        train_options["drop_smaller_than"] = tuple(config.crop)
-    train_base = build_dataset(config.dataset, config.root, config.train_split, transforms=None, **train_options)
-    if config.recipe == "d2l":
-        transforms = d2l_transforms(crop_size=tuple(config.crop))
-    else:
-        transforms = train_transforms(
-            crop_size=tuple(config.crop),
-            scale_range=tuple(config.scale_range) if config.scale_range else None,
-            hflip=config.hflip,
-            color_jitter=config.color_jitter,
-        )
-    train = SeededTransformDataset(train_base, transforms, config.seed)
-    val = build_dataset(config.dataset, config.root, config.val_split, transforms=eval_transforms(), **options)
-    if config.max_val_images:
-        val = torch.utils.data.Subset(val, range(min(len(val), config.max_val_images)))
-    return train_base, train, val
-
-
-def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
-    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "poly":
-            return (1 - progress) ** 0.9
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return factor
-
-
-def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    # foreach: one fused kernel per parameter group instead of one per tensor; torch enables it by
-    # default only on CUDA, yet on CPU it also cuts the step time several-fold.
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, foreach=True)
-
-
-def _log_line(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def train(
     config: TrainConfig,
     *,
+    train_dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
+    train_transforms: PairTransform | None = None,
+    val_transforms: PairTransform | None = None,
+    callbacks: Iterable[Callback] | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Runs (or resumes) a training run and returns where its outputs are.
+    """Runs (or, with ``config.resume``, resumes) a training run and returns where its outputs are.
+
+    Example, with your own data::
+
+        config = TrainConfig(model="fcn_resnet18", crop=(256, 256), epochs=10, out="runs/mine")
+        result = train(config, train_dataset=MyPairs("train"), val_dataset=MyPairs("val"))
 
     Args:
         config: the resolved settings.
+        train_dataset: your training pairs, ``(image uint8 (3, H, W), target int64 (H, W))`` with
+            void pixels `fcnseg.constants.IGNORE_INDEX`, untransformed; it must have ``classes`` (a
+            list of names, label i named ``classes[i]``) and may have ``colors`` (one RGB per class;
+            default: `fcnseg.data.default_palette`). None: ``config.dataset`` at ``config.root``.
+        val_dataset: your validation pairs, raw like ``train_dataset``; None: the named dataset's
+            ``config.val_split``.
+        train_transforms: paired ``transforms(image, target) -> (image, target)`` applied to every
+            training pair under an RNG seeded by (seed, epoch, index); must return a normalised
+            float image and equal-sized crops. None: the config's augmentation.
+        val_transforms: paired transforms for validation pairs; None: `fcnseg.data.eval_transforms`
+            (normalisation only). Pass ``lambda image, target: (image, target)`` for a dataset
+            that already returns transformed pairs.
+        callbacks: `Callback` objects whose ``on_step_end`` and ``on_epoch_end`` run on every rank,
+            in order. An exception one raises stops the run there, with last.pt resumable.
         progress: show a progress bar.
-        on_epoch_end: called on every rank after each epoch with that epoch's record (the line
-            appended to metrics.jsonl: epoch, iteration, train_loss, lr, time_s and, on evaluation
-            epochs, miou and the other metrics), once its checkpoint is written. An exception it
-            raises stops the run there, with last.pt resumable; `fcnseg tune` prunes trials this way.
+        on_epoch_end: a plain ``function(record)`` called after the callbacks' ``on_epoch_end``,
+            with the epoch's metrics.jsonl record; `fcnseg tune` prunes trials this way.
 
     Raises:
         FcnsegError: bad data or options, a foreign or truncated checkpoint on resume, or a loss
             that diverged (the last good checkpoint is kept).
     """
+    callbacks = list(callbacks or [])
+    if on_epoch_end is not None:
+        callbacks.append(EpochEndFunction(on_epoch_end))
     device = select_device(config.device)
     ctx = setup_distributed(device.type)
     try:
         if device.type == "cuda" and ctx.enabled:
             device = torch.device("cuda", ctx.local_rank)
-        # The stack closes the TensorBoard writer even when the run stops early (divergence, a
-        # pruned tuning trial): a tuning process runs many trials and must not leak writer threads.
         with contextlib.ExitStack() as cleanup:
-            return _train(config, device, ctx, progress, on_epoch_end, cleanup)
+            trainer = Trainer(config, device, ctx, callbacks=callbacks, progress=progress, cleanup=cleanup)
+            return trainer.run(train_dataset=train_dataset, val_dataset=val_dataset,
+                               train_transforms=train_transforms, val_transforms=val_transforms)
     finally:
         cleanup_distributed()
 
 
-def _train(config: TrainConfig, device: torch.device, ctx: DistributedContext, progress: bool,
-           on_epoch_end: Callable[[dict[str, Any]], None] | None, cleanup: contextlib.ExitStack) -> TrainResult:
-    from tqdm.auto import tqdm
+class Trainer:
+    """One training run: `run` calls the named steps below in the order they are defined."""
 
-    out = Path(config.out)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    seed_everything(config.seed)
-    train_base, train_set, val_set = build_datasets(config)
-    classes = list(train_base.classes)
-    colors = [list(c) for c in train_base.colors]
-    num_classes = len(classes)
+    def __init__(self, config: TrainConfig, device: torch.device, ctx: DistributedContext, *,
+                 callbacks: Iterable[Callback], progress: bool, cleanup: contextlib.ExitStack) -> None:
+        self.config, self.device, self.ctx = config, device, ctx
+        self.callbacks = CallbackList(callbacks)
+        self.progress, self.cleanup = progress, cleanup
+        self.out = Path(config.out)
+        self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
+        self.state = RunState()
+        self.log: RunLog | None = None  # rank 0 only
+        # A run killed after its last checkpoint but before metrics.json has nothing left to train: its
+        # checkpoint's metrics are the final ones. Otherwise the last epoch's validation replaces them.
+        self.final_metrics: dict[str, Any] | None = None
 
-    model = build_model(
-        config.model,
-        variant=config.variant,
-        num_classes=num_classes,
-        weights_backbone=config.weights_backbone,
-        upsampler=config.upsampler,
-        freeze_backbone=config.freeze_backbone,
-    )
-    model.to(device)
-    if config.channels_last:
-        to_channels_last(model)
-    net = model
-    if ctx.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    def run(self, **data_sources: Any) -> TrainResult:
+        """Set-up, resume, then epochs until the last step; ``data_sources`` go to `build_training_data`."""
+        # The order matters for exact resume: seeding, then data, then the model's random init.
+        seed_everything(self.config.seed)
+        self.data: TrainingData = build_training_data(self.config, **data_sources)
+        self.set_up_model()
+        self.set_up_optimisation()
+        self.resume()
+        if self.ctx.is_main:
+            self.log = RunLog(self.out, self.config, self.state.global_step, self.cleanup)
+        self.set_up_validation()
+        self.started = time.perf_counter() - self.state.train_seconds  # feature caching counts as training
+        self.set_up_loss()
+        while self.state.global_step < self.total_steps:
+            self.train_epoch()
+            self.end_epoch()
+        return self.finish()
 
-    sampler = ResumableSampler(len(train_set), seed=config.seed, shuffle=True, rank=ctx.rank, world_size=ctx.world_size)
-    micro_per_step = config.accumulate
-    steps_per_epoch = len(sampler) // (config.batch_size * micro_per_step)
-    if steps_per_epoch == 0:
-        raise FcnsegError(
-            f"the training split has {len(train_set)} images, fewer than one step of "
-            f"{config.batch_size * micro_per_step * ctx.world_size}; lower --batch-size"
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def set_up_model(self) -> None:
+        """The model on its device (``net``: wrapped in DistributedDataParallel under torchrun)."""
+        config = self.config
+        self.model = build_model(
+            config.model,
+            variant=config.variant,
+            num_classes=len(self.data.classes),
+            weights_backbone=config.weights_backbone,
+            upsampler=config.upsampler,
+            freeze_backbone=config.freeze_backbone,
         )
-    total_steps = config.iterations or config.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
+        self.model.to(self.device)
+        if config.channels_last:
+            to_channels_last(self.model)
+        self.net: torch.nn.Module = self.model
+        if self.ctx.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
-    optimizer = build_optimizer(config, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, total_steps, config.warmup_iters))
-    amp_dtype = resolve_amp_dtype(config.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    class_weights = None
-    if config.class_weights == "median-frequency":
-        class_weights = median_frequency_weights(train_base, num_classes).to(device)
+    def set_up_optimisation(self) -> None:
+        """Sampler and run length, optimiser, schedule, fp16 gradient scaler, class weights."""
+        config, ctx = self.config, self.ctx
+        self.sampler = ResumableSampler(len(self.data.train), seed=config.seed, shuffle=True, rank=ctx.rank,
+                                        world_size=ctx.world_size)
+        self.steps_per_epoch = len(self.sampler) // (config.batch_size * config.accumulate)
+        if self.steps_per_epoch == 0:
+            raise FcnsegError(
+                f"the training split has {len(self.data.train)} images, fewer than one step of "
+                f"{config.batch_size * config.accumulate * ctx.world_size}; lower --batch-size"
+            )
+        self.total_steps = config.iterations or config.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.optimizer = build_optimizer(config, self.model)
+        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
+        self.amp_dtype = resolve_amp_dtype(config.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.class_weights = None
+        if config.class_weights == "median-frequency":
+            self.class_weights = median_frequency_weights(self.data.raw_train, len(self.data.classes)).to(self.device)
 
-    resumed_metrics = None
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_miou": -1.0, "history": [],
-             "epoch_loss_sum": 0.0, "epoch_images": 0, "train_seconds": 0.0}
-    if config.resume and last_path.exists():
-        checkpoint = load_checkpoint(last_path)
-        _check_resumable(checkpoint, config, classes)
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+    def resume(self) -> None:
+        """With ``config.resume``, restores weights, optimiser, schedule, RNGs and run state from last.pt."""
+        if not self.config.resume:
+            return
+        if not self.last_path.exists():
+            if self.ctx.is_main:
+                print(f"--resume: no checkpoint at {self.last_path} yet, starting from scratch")
+            return
+        checkpoint = load_checkpoint(self.last_path)
+        _check_resumable(checkpoint, self.config, self.data.classes)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        state.update({k: checkpoint[k] for k in state if k in checkpoint})
-        resumed_metrics = checkpoint.get("metrics")
-        if ctx.is_main:
-            print(f"resuming {last_path}: epoch {state['epoch'] + 1}, step {state['global_step']}/{total_steps}")
-    elif config.resume and ctx.is_main:
-        print(f"--resume: no checkpoint at {last_path} yet, starting from scratch")
+        self.state = RunState.from_checkpoint(checkpoint)
+        self.final_metrics = checkpoint.get("metrics")
+        if self.ctx.is_main:
+            print(f"resuming {self.last_path}: epoch {self.state.epoch + 1}, "
+                  f"step {self.state.global_step}/{self.total_steps}")
 
-    writer = None
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
-        from torch.utils.tensorboard import SummaryWriter
+    def set_up_validation(self) -> None:
+        """Batches of equal-sized whole images (this rank's share), and whole or sliding prediction."""
+        self.val_batches = size_grouped_batches(self.data.val_image_sizes(), self.config.batch_size, self.ctx.rank,
+                                                self.ctx.world_size)
+        self.predict_fn = None
+        if self.config.eval_mode == "sliding":
+            from fcnseg.inference.windows import predict_sliding
 
-        writer = cleanup.enter_context(SummaryWriter(str(out / "tensorboard"), purge_step=state["global_step"] or None))
+            self.predict_fn = functools.partial(predict_sliding, window=tuple(self.config.crop))
 
-    def save(path: Path, metrics: dict[str, Any] | None = None) -> None:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
+    def set_up_loss(self) -> None:
+        """What a step trains (``train_net`` on ``train_set``) and its loss function."""
+        config, ctx = self.config, self.ctx
+        self.train_net, self.train_set = self.net, self.data.train
+        self.compute_loss = None
+        if not ctx.enabled:  # DDP synchronises gradients through the wrapper's forward: unfused there
+            from fcnseg.training.loss import fcn_cross_entropy
+
+            self.compute_loss = functools.partial(fcn_cross_entropy, self.model, class_weights=self.class_weights,
+                                                  reduction=config.loss_reduction)
+        if config.freeze_backbone and config.cache_features > 0:
+            # The frozen body runs once per cached view instead of every step: the loop trains the head
+            # on stored features. Checkpoints and validation (whole images) still use the full model.
+            from fcnseg.training.feature_cache import cached_head_training
+
+            self.train_net, self.train_set = cached_head_training(self.model, self.data.train, config, self.device,
+                                                                  ctx, progress=self.progress)
+            if not ctx.enabled:  # DDP must see the forward call to synchronise gradients: unfused there
+                self.compute_loss = functools.partial(self.train_net.loss, class_weights=self.class_weights,
+                                                      reduction=config.loss_reduction)
+
+    # -- one epoch ---------------------------------------------------------------------------------
+
+    def train_epoch(self) -> None:
+        """The optimiser steps of one epoch, from ``state.step_in_epoch`` when resuming mid-epoch."""
+        from tqdm.auto import tqdm
+
+        config, state = self.config, self.state
+        micro_per_step = config.accumulate
+        self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size * micro_per_step)
+        self.train_set.set_epoch(state.epoch)
+        # A fresh loader each epoch: its workers copy the dataset's new epoch (and end with the epoch,
+        # freeing their memory before validation).
+        loader = DataLoader(self.train_set, batch_size=config.batch_size, sampler=self.sampler, drop_last=True,
+                            num_workers=config.workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        steps_this_epoch = min(self.steps_per_epoch, self.total_steps - (state.global_step - state.step_in_epoch))
+        bar = tqdm(total=steps_this_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{self.epochs}",
+                   unit="step", disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True)
+        self.model.train()
+        batches = iter(loader)
+        while state.step_in_epoch < steps_this_epoch:
+            tic = time.perf_counter()
+            result = self.train_step([next(batches) for _ in range(micro_per_step)])
+            self.end_step(result, tic, bar, last_in_epoch=state.step_in_epoch == steps_this_epoch)
+        bar.close()
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """One optimiser step over ``config.accumulate`` micro-batches, then the schedule's step."""
+        config = self.config
+        result = train_step(self.train_net, micro_batches, self.optimizer, device=self.device,
+                            amp_dtype=self.amp_dtype, scaler=self.scaler, channels_last=config.channels_last,
+                            class_weights=self.class_weights, loss_reduction=config.loss_reduction,
+                            no_sync=self.train_net.no_sync if self.ctx.enabled else None,
+                            compute_loss=self.compute_loss)
+        self.scheduler.step()
+        state = self.state
+        state.step_in_epoch += 1
+        state.global_step += 1
+        state.epoch_loss_sum += result.loss * result.images
+        state.epoch_images += result.images
+        return result
+
+    def end_step(self, result: StepResult, tic: float, bar: Any, *, last_in_epoch: bool) -> None:
+        """Progress bar and TensorBoard, the periodic mid-epoch checkpoint, then ``on_step_end``."""
+        config, state = self.config, self.state
+        rate = result.images * self.ctx.world_size / max(time.perf_counter() - tic, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        if self.log is not None:
+            self.log.step(state.global_step, result.loss, lr)
+        state.train_seconds = time.perf_counter() - self.started
+        # The end of the epoch writes its own checkpoint (with the epoch's metrics): none here then.
+        if config.checkpoint_every and state.global_step % config.checkpoint_every == 0 and not last_in_epoch:
+            if self.ctx.is_main:
+                self.save(self.last_path)
+            barrier(self.ctx)
+        self.callbacks.on_step_end(state, result)
+
+    # -- end of epoch ------------------------------------------------------------------------------
+
+    def end_epoch(self) -> None:
+        """Validates when due, logs the epoch's record, writes checkpoints and curves, calls ``on_epoch_end``."""
+        config, state = self.config, self.state
+        epoch = state.epoch + 1  # 1-based, as printed and logged
+        epoch_loss = all_reduce_mean(state.epoch_loss_sum / max(state.epoch_images, 1), self.ctx, self.device)
+        record: dict[str, Any] = {"epoch": epoch, "iteration": state.global_step, "train_loss": epoch_loss,
+                                  "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(state.train_seconds, 1)}
+        last_epoch = state.global_step >= self.total_steps
+        if epoch % config.eval_every == 0 or last_epoch:
+            record.update(self.validate(epoch, epoch_loss, last_epoch=last_epoch))
+        state.end_epoch(record)
+        if self.log is not None:
+            self.log.epoch(record, state.global_step)
+            if "miou" in record and record["miou"] > state.best_miou:
+                state.best_miou = record["miou"]
+                self.save(self.best_path, self.final_metrics)
+            if epoch % config.save_every == 0 or last_epoch:
+                self.save(self.last_path, self.final_metrics)
+            if "miou" in record:
+                self.log.curves(state.history)
+        barrier(self.ctx)
+        self.callbacks.on_epoch_end(state, record)
+
+    def validate(self, epoch: int, epoch_loss: float, *, last_epoch: bool) -> dict[str, float]:
+        """Whole-image metrics on the validation set (reduced over ranks); the record's metric fields."""
+        loader = DataLoader(self.data.val, batch_sampler=self.val_batches, num_workers=self.config.workers)
+        metrics, matrix, val_loss = evaluate(self.model, loader, len(self.data.classes), device=self.device,
+                                             predict=self.predict_fn, amp_dtype=self.amp_dtype,
+                                             channels_last=self.config.channels_last,
+                                             reduce_across_ranks=self.ctx.enabled)
+        self.final_metrics = metrics.as_dict(self.data.classes)
+        if self.log is not None:
+            self.log.validation(epoch, epoch_loss, val_loss, metrics)
+            if last_epoch:
+                self.log.final_validation(metrics, matrix, self.data.classes)
+        return {"val_loss": val_loss, "pixel_acc": metrics.pixel_acc, "mean_acc": metrics.mean_acc,
+                "miou": metrics.miou, "fwiou": metrics.fwiou}
+
+    def save(self, path: Path, metrics: dict[str, Any] | None = None) -> None:
+        """Writes a resumable checkpoint (atomically), unless the weights are no longer finite."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingDiverged("weights became NaN or infinite; stopping without overwriting the last good checkpoint")
         checkpoint = make_checkpoint(
-            model, classes=classes, colors=colors, ignore_index=255, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            config=_plain(config.to_dict()), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None, rng=rng_state(), metrics=metrics,
-            **{k: state[k] for k in state},
+            self.model, classes=self.data.classes, colors=self.data.colors, ignore_index=IGNORE_INDEX,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD, config=self.config.to_plain_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None, rng=rng_state(), metrics=metrics,
+            **self.state.to_checkpoint(),
         )
         save_checkpoint(checkpoint, path)
 
-    val_sizes = image_sizes(val_set)
-    val_batches = size_grouped_batches(val_sizes, config.batch_size, ctx.rank, ctx.world_size)
-    predict_fn = None
-    if config.eval_mode == "sliding":
-        from fcnseg.inference.windows import predict_sliding
+    # -- finish ------------------------------------------------------------------------------------
 
-        predict_fn = lambda m, x: predict_sliding(m, x, window=tuple(config.crop))  # noqa: E731
-    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
-    # A run killed after its last checkpoint but before metrics.json has nothing left to train: its
-    # checkpoint's metrics are the final ones. Otherwise the last epoch's validation replaces them.
-    final_metrics = resumed_metrics
-    started = time.perf_counter() - state["train_seconds"]
-    train_net, compute_loss = net, None
-    if not ctx.enabled:  # DDP synchronises gradients through the wrapper's forward: unfused there
-        from fcnseg.training.loss import fcn_cross_entropy
-
-        compute_loss = functools.partial(fcn_cross_entropy, model, class_weights=class_weights,
-                                         reduction=config.loss_reduction)
-    if config.freeze_backbone and config.cache_features > 0:
-        # The frozen body runs once per cached view instead of every step: the loop trains the head
-        # on stored features. Checkpoints and validation (whole images) still use the full model.
-        from fcnseg.training.feature_cache import cached_head_training
-
-        train_net, train_set = cached_head_training(model, train_set, config, device, ctx, progress=progress)
-        if not ctx.enabled:  # DDP must see the forward call to synchronise gradients: unfused there
-            compute_loss = functools.partial(train_net.loss, class_weights=class_weights,
-                                             reduction=config.loss_reduction)
-
-    while state["global_step"] < total_steps:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch, start=state["step_in_epoch"] * config.batch_size * micro_per_step)
-        train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=config.workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        steps_this_epoch = min(steps_per_epoch, total_steps - (state["global_step"] - state["step_in_epoch"]))
-        bar = tqdm(total=steps_this_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{epochs}",
-                   unit="step", disable=not (progress and ctx.is_main), dynamic_ncols=True)
-        model.train()
-        batches = iter(loader)
-        while state["step_in_epoch"] < steps_this_epoch:
-            tic = time.perf_counter()
-            micro = [next(batches) for _ in range(micro_per_step)]
-            result = train_step(train_net, micro, optimizer, device=device, amp_dtype=amp_dtype, scaler=scaler,
-                                channels_last=config.channels_last, class_weights=class_weights,
-                                loss_reduction=config.loss_reduction,
-                                no_sync=train_net.no_sync if ctx.enabled else None, compute_loss=compute_loss)
-            scheduler.step()
-            state["step_in_epoch"] += 1
-            state["global_step"] += 1
-            state["epoch_loss_sum"] += result.loss * result.images
-            state["epoch_images"] += result.images
-            rate = result.images * ctx.world_size / max(time.perf_counter() - tic, 1e-9)
-            lr = optimizer.param_groups[0]["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            if writer is not None:
-                writer.add_scalar("train/loss", result.loss, state["global_step"])
-                writer.add_scalar("train/lr", lr, state["global_step"])
-            state["train_seconds"] = time.perf_counter() - started
-            if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0 and state["step_in_epoch"] < steps_this_epoch:
-                if ctx.is_main:
-                    save(last_path)
-                barrier(ctx)
-            if kill_after and state["global_step"] == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-        bar.close()
-        del batches, loader
-
-        epoch_loss = all_reduce_mean(state["epoch_loss_sum"] / max(state["epoch_images"], 1), ctx, device)
-        record: dict[str, Any] = {"epoch": epoch + 1, "iteration": state["global_step"], "train_loss": epoch_loss,
-                                  "lr": optimizer.param_groups[0]["lr"], "time_s": round(state["train_seconds"], 1)}
-        last_epoch = state["global_step"] >= total_steps
-        if (epoch + 1) % config.eval_every == 0 or last_epoch:
-            eval_loader = DataLoader(val_set, batch_sampler=val_batches, num_workers=config.workers)
-            metrics, matrix, val_loss = evaluate(net.module if ctx.enabled else net, eval_loader, num_classes,
-                                                 device=device, predict=predict_fn, amp_dtype=amp_dtype,
-                                                 channels_last=config.channels_last, reduce_across_ranks=ctx.enabled)
-            final_metrics = metrics.as_dict(classes)
-            record.update({"val_loss": val_loss, "pixel_acc": metrics.pixel_acc, "mean_acc": metrics.mean_acc,
-                           "miou": metrics.miou, "fwiou": metrics.fwiou})
-            if ctx.is_main:
-                print(f"epoch {epoch + 1}: train loss {epoch_loss:.4f}  val loss {val_loss:.4f}  "
-                      f"pixel acc {metrics.pixel_acc:.4f}  mIoU {metrics.miou:.4f}")
-                if last_epoch:
-                    print(format_metrics_table(metrics, classes))
-                    from fcnseg.visualize import plot_confusion_matrix
-
-                    plot_confusion_matrix(matrix.matrix.cpu().numpy(), classes, out / "confusion.png")
-        state["history"].append(record)
-        state.update({"epoch": epoch + 1, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_images": 0})
-        if ctx.is_main:
-            _log_line(out / "metrics.jsonl", record)
-            for key in ("val_loss", "pixel_acc", "miou", "fwiou", "mean_acc"):
-                if key in record:
-                    writer.add_scalar(f"val/{key}", record[key], state["global_step"])
-            writer.add_scalar("train/epoch_loss", epoch_loss, state["global_step"])
-            if "miou" in record and record["miou"] > state["best_miou"]:
-                state["best_miou"] = record["miou"]
-                save(best_path, final_metrics)
-            if (epoch + 1) % config.save_every == 0 or last_epoch:
-                save(last_path, final_metrics)
-            if "miou" in record:  # plotting costs a fraction of a second: only with new metrics
-                from fcnseg.visualize import plot_curves
-
-                plot_curves(state["history"], out / "curves.png")
-        barrier(ctx)
-        if on_epoch_end is not None:
-            on_epoch_end(dict(record))
-
-    if writer is not None:
-        writer.close()
-        if final_metrics is not None:
-            (out / "metrics.json").write_text(json.dumps(final_metrics, indent=2))
-    return TrainResult(out_dir=out, last_checkpoint=last_path, best_checkpoint=best_path if best_path.exists() else None,
-                       best_miou=state["best_miou"], final_metrics=final_metrics, history=state["history"],
-                       train_seconds=state["train_seconds"])
+    def finish(self) -> TrainResult:
+        """Closes the logs, writes metrics.json, and says where everything is."""
+        if self.log is not None:
+            self.log.finish(self.final_metrics)
+        return TrainResult(out_dir=self.out, last_checkpoint=self.last_path,
+                           best_checkpoint=self.best_path if self.best_path.exists() else None,
+                           best_miou=self.state.best_miou, final_metrics=self.final_metrics,
+                           history=self.state.history, train_seconds=self.state.train_seconds)
 
 
 def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]) -> None:
@@ -392,12 +383,3 @@ def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: l
             )
     if list(checkpoint["classes"]) != classes:
         raise CheckpointError("cannot resume: the checkpoint's classes differ from this dataset's")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists, recursively, for YAML and weights_only checkpoints."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
