@@ -28,7 +28,7 @@ from torch import nn
 
 from fcnseg import __version__
 from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD
-from fcnseg.data.folder import default_palette
+from fcnseg.data.classes import default_palette
 from fcnseg.errors import FcnsegError
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.runtime import atomic_write
@@ -83,14 +83,7 @@ def export_onnx(
             differ by more than ``tolerance``.
         CheckpointError: unreadable checkpoint.
     """
-    if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    if exporter == "dynamo" and opset < 18:
-        raise FcnsegError(f"the dynamo exporter writes opset 18 or later, not {opset}; "
-                          "use opset 18+ or exporter 'legacy'")
-    if not sizes:
-        raise ValueError("need at least one (H, W) size")
-    sizes = [(int(h), int(w)) for h, w in sizes]
+    sizes = _checked_sizes(exporter, opset, sizes)
     _require("onnx")
     model, metadata = _model_and_metadata(model_or_checkpoint, classes, colors, mean, std)
 
@@ -99,6 +92,34 @@ def export_onnx(
     export = _export_dynamo if exporter == "dynamo" else _export_legacy
     proto = export(model, example, opset, dynamic)
     export_seconds = time.perf_counter() - started
+    _describe(proto, metadata, dynamic)
+    data = proto.SerializeToString()
+
+    report: dict[str, Any] = {
+        "path": str(path), "exporter": exporter, "opset": _opset_of(proto), "dynamic": dynamic,
+        "num_classes": len(json.loads(metadata["classes"])), "export_seconds": round(export_seconds, 2),
+        "verified": False, "parity": [], "max_abs_diff": None, "tolerance": tolerance,
+    }
+    if verify:
+        report.update(_parity(model, data, sizes if dynamic else sizes[:1], dynamic, tolerance, path))
+    atomic_write(path, lambda f: f.write(data))
+    return report
+
+
+def _checked_sizes(exporter: str, opset: int, sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The verification sizes as ints, after refusing an unknown exporter or an opset it cannot write."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and opset < 18:
+        raise FcnsegError(f"the dynamo exporter writes opset 18 or later, not {opset}; "
+                          "use opset 18+ or exporter 'legacy'")
+    if not sizes:
+        raise ValueError("need at least one (H, W) size")
+    return [(int(h), int(w)) for h, w in sizes]
+
+
+def _describe(proto, metadata: dict[str, str], dynamic: bool) -> None:
+    """Makes the graph self-describing: named dynamic axes, fcnseg's metadata, a doc string of the contract."""
     if dynamic:
         _name_output_axes(proto)
     for key, value in metadata.items():
@@ -108,25 +129,19 @@ def export_onnx(
     proto.doc_string = (f"fcnseg {json.loads(metadata['model_name'])} ({variant}): input '{INPUT_NAME}' float32 "
                         f"(N, 3, H, W), RGB in 0..1 normalised with the metadata's mean and std; "
                         f"output '{OUTPUT_NAME}' (N, C, H, W)")
-    data = proto.SerializeToString()
 
-    report: dict[str, Any] = {
-        "path": str(path), "exporter": exporter, "opset": _opset_of(proto), "dynamic": dynamic,
-        "num_classes": len(json.loads(metadata["classes"])), "export_seconds": round(export_seconds, 2),
-        "verified": False, "parity": [], "max_abs_diff": None, "tolerance": tolerance,
-    }
-    if verify:
-        checked = sizes if dynamic else sizes[:1]
-        report["parity"] = verify_onnx(model, data, checked, batch=2 if dynamic else 1)
-        report["max_abs_diff"] = max(p["max_abs_diff"] for p in report["parity"])
-        report["verified"] = True
-        if report["max_abs_diff"] > tolerance:
-            worst = max(report["parity"], key=lambda p: p["max_abs_diff"])
-            h, w = worst["size"]
-            raise FcnsegError(f"ONNX output differs from PyTorch by {worst['max_abs_diff']:.3g} at size {h}x{w} "
-                              f"(tolerance {tolerance:g}); {path} was not written")
-    atomic_write(path, lambda f: f.write(data))
-    return report
+
+def _parity(model: nn.Module, data: bytes, sizes: list[tuple[int, int]], dynamic: bool, tolerance: float,
+            path: str | os.PathLike) -> dict[str, Any]:
+    """The report's parity fields; raises before anything is written when the runtimes differ too much."""
+    parity = verify_onnx(model, data, sizes, batch=2 if dynamic else 1)
+    max_abs_diff = max(p["max_abs_diff"] for p in parity)
+    if max_abs_diff > tolerance:
+        worst = max(parity, key=lambda p: p["max_abs_diff"])
+        h, w = worst["size"]
+        raise FcnsegError(f"ONNX output differs from PyTorch by {worst['max_abs_diff']:.3g} at size {h}x{w} "
+                          f"(tolerance {tolerance:g}); {path} was not written")
+    return {"parity": parity, "max_abs_diff": max_abs_diff, "verified": True}
 
 
 def verify_onnx(

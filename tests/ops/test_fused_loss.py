@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcnseg.ops import fused_loss, native
 from fcnseg.models import upsample as upsample_module
 from fcnseg.models.upsample import TransposedConvUpsampler
+from fcnseg.ops import cell_blocks, fused_loss, native
 from fcnseg.ops.fused_loss import upsample_cross_entropy
 
 
@@ -50,7 +50,7 @@ def test_fused_loss_and_gradients_equal_the_unfused_ones(monkeypatch, stride, gr
 @pytest.mark.parametrize("stride,cells,length", [(2, 4, 6), (2, 4, 5), (8, 3, 13), (8, 5, 13), (32, 11, 320), (32, 13, 375)])
 def test_cell_runs_cover_every_image_pixel_once(stride, cells, length):
     covered = torch.zeros(cells * stride, dtype=torch.long)  # the upsampler's canvas along one axis
-    for first, stop, lo, hi in fused_loss._cell_runs(cells, stride, length):
+    for first, stop, lo, hi in cell_blocks.cell_runs(cells, stride, length):
         for m in range(first, stop):
             covered[m * stride + lo:m * stride + hi] += 1
     half = stride // 2

@@ -11,8 +11,9 @@ from fcnseg.data.transforms import train_transforms
 from fcnseg.errors import FcnsegError
 from fcnseg.models.checkpoint import load_checkpoint
 from fcnseg.ops.loss import segmentation_loss
+from fcnseg.training.cached_head import CachedFeatureHead, pack_features, unpack_features
 from fcnseg.training.config import resolve_config
-from fcnseg.training.feature_cache import CachedFeatureHead, FeatureCache, pack_features, unpack_features
+from fcnseg.training.feature_cache import FeatureCache
 from fcnseg.training.trainer import train
 
 

@@ -3,7 +3,7 @@
 The fused loss (`fcnseg.ops.fused_loss`) runs its per-pixel softmax, cross-entropy and gradient in
 eager torch operations, eight passes over the logits; on CPUs with AVX-512 and native bf16 this
 kernel does the same in one pass: a cached frozen-backbone training step takes about a fifth less
-time (measured alternating both paths in one process). torch offers no such fused operation, hence C++ (src/fcnseg/csrc/softmax_grad.cpp),
+time (measured alternating both paths in one process). torch offers no such fused operation, hence C++ (src/fcnseg/ops/csrc/softmax_grad.cpp),
 compiled with torch's own extension builder the first time it is needed (about 30 s, once per
 machine; later runs load it from torch's extension cache).
 

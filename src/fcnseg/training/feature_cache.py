@@ -26,7 +26,7 @@ The price is ``V`` body passes in all (instead of one per epoch) and ``V`` times
 
 **Storage.** The head reads ``c32`` (FCN-32s), plus ``c16`` (16s), plus ``c8`` (8s); only those are
 kept, packed into one tensor on the stride-32 grid (``c16`` and ``c8`` by space-to-depth, an exact
-rearrangement), so a cached sample is an ordinary 4-D "image" the training step handles like any
+rearrangement, `fcnseg.training.cached_head`), so a cached sample is an ordinary 4-D "image" the training step handles like any
 other. Per 320x480 view that is 150 KB (32s), 450 KB (16s) or 1 MB (8s) in float16, plus a 150 KB
 uint8 target. The cache lives in memory, or with a directory in memory-mapped ``.npy`` files that a
 later run with the same images, augmentation, views and backbone reopens instead of rebuilding.
@@ -39,97 +39,20 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fcnseg.errors import DataError, FcnsegError
 from fcnseg.models.fcn import FCN, OUTPUT_STRIDE, pad_to_multiple
+from fcnseg.training.cached_head import CachedFeatureHead, pack_features, packed_channels
 
 FORMAT_VERSION = 1
-# Which of (c8, c16, c32) each variant's head reads, and the space-to-depth factor of each tap.
-_HEAD_TAPS: dict[str, tuple[int, ...]] = {"32s": (2,), "16s": (1, 2), "8s": (0, 1, 2)}
-_TAP_FACTORS = (4, 2, 1)
 _DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
 _META = "meta.json"
-
-
-def packed_channels(channels: Sequence[int], variant: str) -> int:
-    """Channels of the packed features of a body with ``channels`` (at strides 8, 16, 32)."""
-    return sum(channels[k] * _TAP_FACTORS[k] ** 2 for k in _HEAD_TAPS[variant])
-
-
-def pack_features(features: Sequence[torch.Tensor], variant: str) -> torch.Tensor:
-    """The body features a variant's head reads, as one tensor on the stride-32 grid.
-
-    Args:
-        features: ``(c8, c16, c32)`` at the padded input size (multiples of 32).
-        variant: "32s", "16s" or "8s".
-
-    Returns:
-        ``(N, packed_channels, H/32, W/32)``: ``c32``, preceded by ``c16`` and ``c8`` rearranged by
-        ``F.pixel_unshuffle`` when the head reads them.
-    """
-    parts = [F.pixel_unshuffle(features[k], _TAP_FACTORS[k]) if _TAP_FACTORS[k] > 1 else features[k]
-             for k in _HEAD_TAPS[variant]]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-def unpack_features(
-    packed: torch.Tensor, channels: Sequence[int], variant: str
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Inverse of `pack_features`: ``(c8, c16, c32)``, None for taps the head does not read."""
-    taps = _HEAD_TAPS[variant]
-    parts = packed.split([channels[k] * _TAP_FACTORS[k] ** 2 for k in taps], 1)
-    out: list[torch.Tensor | None] = [None, None, None]
-    for k, part in zip(taps, parts):
-        out[k] = F.pixel_shuffle(part, _TAP_FACTORS[k]) if _TAP_FACTORS[k] > 1 else part
-    return out[0], out[1], out[2]  # type: ignore[return-value]
-
-
-class CachedFeatureHead(nn.Module):
-    """An FCN's head on packed cached features: ``forward(packed) -> logits`` of the view's size.
-
-    It holds the model, so training it trains the model's score layers and upsamplers in place, and
-    the model is what checkpoints save.
-
-    Args:
-        model: the FCN whose body produced the features.
-        size: ``(H, W)`` of the views; the head's logits (at the padded size) are cropped to it,
-            as ``FCN.forward`` crops.
-    """
-
-    def __init__(self, model: FCN, size: tuple[int, int]) -> None:
-        super().__init__()
-        self.model = model
-        self.size = (int(size[0]), int(size[1]))
-
-    def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        """Args: packed ``(N, C_packed, H/32, W/32)``, any float dtype. Returns: ``(N, C, H, W)``."""
-        c8, c16, c32 = unpack_features(packed.float(), self.model.backbone.channels, self.model.variant)
-        h, w = self.size
-        return self.model.head(c8, c16, c32)[..., :h, :w]
-
-    def loss(self, packed: torch.Tensor, target: torch.Tensor, *, class_weights: torch.Tensor | None = None,
-             reduction: str = "mean") -> torch.Tensor:
-        """``segmentation_loss(self(packed), target)``, with the final upsampling and the loss fused.
-
-        Once the body is cached, the full-resolution logits are most of a step's memory traffic;
-        `fcnseg.ops.fused_loss.upsample_cross_entropy` never materialises them (a fixed bilinear
-        upsampler, which is cheap, runs unfused).
-        """
-        from fcnseg.ops.fused_loss import upsample_cross_entropy
-        from fcnseg.ops.loss import segmentation_loss
-
-        if not self.model.upsample_final.learnable:
-            return segmentation_loss(self(packed), target, class_weights=class_weights, reduction=reduction)
-        c8, c16, c32 = unpack_features(packed.float(), self.model.backbone.channels, self.model.variant)
-        return upsample_cross_entropy(self.model.scores(c8, c16, c32), self.model.upsample_final, target,
-                                      class_weights=class_weights, reduction=reduction)
 
 
 class FeatureCache:
@@ -205,12 +128,7 @@ class FeatureCache:
             DataError: samples of different sizes.
             FcnsegError: the cache would not fit in memory (use a directory), or float16 overflowed.
         """
-        if not getattr(model, "freeze_backbone", False):
-            raise ValueError("features can be cached only for a frozen backbone (freeze_backbone=True)")
-        if num_views < 1:
-            raise ValueError(f"num_views must be at least 1, got {num_views}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        _check_build_arguments(model, num_views, dtype)
         fingerprint = cache_fingerprint(model, views, num_views, dtype)
         folder = Path(directory) if directory is not None else None
         if folder is not None:
@@ -218,63 +136,19 @@ class FeatureCache:
             if reopened is not None:
                 return reopened
 
-        n = len(views)
         first_image, _ = _view(views, 0)[0]
         height, width = first_image.shape[-2:]
+        size = (int(height), int(width))
         grid = (math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE))
         channels = packed_channels(model.backbone.channels, model.variant)
-        target_dtype = np.uint8 if model.num_classes <= 255 else np.int16
-        feature_shape = (num_views, n, channels, *grid)
-        target_shape = (num_views, n, height, width)
-        needed = math.prod(feature_shape) * _DTYPES[dtype].itemsize + math.prod(target_shape) * np.dtype(target_dtype).itemsize
-        if folder is None:
-            _check_fits_in_memory(needed)
-            features: Any = torch.empty(feature_shape, dtype=_DTYPES[dtype])
-            targets: Any = torch.empty(target_shape, dtype=torch.uint8 if target_dtype == np.uint8 else torch.int16)
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / _META).unlink(missing_ok=True)  # incomplete until meta.json is written again
-            features = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=dtype, shape=feature_shape)
-            targets = np.lib.format.open_memmap(folder / "targets.npy", mode="w+", dtype=target_dtype, shape=target_shape)
-
-        from tqdm.auto import tqdm
-
-        device = next(model.parameters()).device
-        bar = tqdm(total=num_views * n, desc="caching features", unit="img", disable=not progress, dynamic_ncols=True)
-        for v in range(num_views):
-            loader = DataLoader(_view(views, v), batch_size=batch_size, shuffle=False, num_workers=workers)
-            start = 0
-            for image, target in loader:
-                if tuple(image.shape[-2:]) != (height, width):
-                    raise DataError(
-                        f"cached views must all have one size (the training crop): got {tuple(image.shape[-2:])} "
-                        f"after {(height, width)}"
-                    )
-                packed = _body_features(model, image.to(device), channels_last).to("cpu", _DTYPES[dtype])
-                if not bool(torch.isfinite(packed).all()):
-                    raise FcnsegError(f"body features overflow {dtype}; cache them as float32")
-                stop = start + image.shape[0]
-                if folder is None:
-                    features[v, start:stop] = packed
-                    targets[v, start:stop] = target.to(targets.dtype)
-                else:
-                    features[v, start:stop] = packed.numpy()
-                    targets[v, start:stop] = target.numpy().astype(target_dtype)
-                start = stop
-                bar.update(image.shape[0])
-        bar.close()
-        if folder is None:
-            return cls(features, targets, (height, width))
-        features.flush()
-        targets.flush()
-        del features, targets
-        meta = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "size": [height, width]}
-        tmp = folder / f".{_META}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, folder / _META)  # written last: its presence marks a complete cache
-        cache = cls.open(folder, fingerprint)
-        assert cache is not None
-        return cache
+        storage = _CacheStorage(folder, (num_views, len(views), channels, *grid), _DTYPES[dtype],
+                                (num_views, len(views), height, width),
+                                torch.uint8 if model.num_classes <= 255 else torch.int16)
+        batches = _body_passes(model, views, num_views, size, dtype=dtype, batch_size=batch_size, workers=workers,
+                               channels_last=channels_last, progress=progress)
+        for view, start, packed, target in batches:
+            storage.write(view, start, packed, target)
+        return storage.finish(size, fingerprint)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, fingerprint: str | None = None) -> "FeatureCache | None":
@@ -382,6 +256,96 @@ def cache_fingerprint(model: FCN, views: Dataset, num_views: int, dtype: str) ->
     return digest.hexdigest()
 
 
+class _CacheStorage:
+    """The arrays a cache is built into: tensors in memory, or tensors over memory-mapped ``.npy`` files.
+
+    One code path writes both (a memmap seen through ``torch.from_numpy`` is a tensor like any
+    other); only where the arrays live and how a finished cache is handed over differ.
+    """
+
+    def __init__(self, folder: Path | None, feature_shape: tuple[int, ...], feature_dtype: torch.dtype,
+                 target_shape: tuple[int, ...], target_dtype: torch.dtype) -> None:
+        self.folder = folder
+        self.maps: tuple[np.memmap, ...] = ()
+        if folder is None:
+            _check_fits_in_memory(math.prod(feature_shape) * feature_dtype.itemsize
+                                  + math.prod(target_shape) * target_dtype.itemsize)
+            self.features = torch.empty(feature_shape, dtype=feature_dtype)
+            self.targets = torch.empty(target_shape, dtype=target_dtype)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / _META).unlink(missing_ok=True)  # incomplete until meta.json is written again
+        self.maps = tuple(
+            np.lib.format.open_memmap(folder / name, mode="w+", dtype=_numpy_dtype(dtype), shape=shape)
+            for name, dtype, shape in (("features.npy", feature_dtype, feature_shape),
+                                       ("targets.npy", target_dtype, target_shape)))
+        self.features, self.targets = (torch.from_numpy(array) for array in self.maps)
+
+    def write(self, view: int, start: int, packed: torch.Tensor, target: torch.Tensor) -> None:
+        """Stores one batch of packed features and targets of view ``view`` from image ``start`` on."""
+        stop = start + packed.shape[0]
+        self.features[view, start:stop] = packed
+        self.targets[view, start:stop] = target.to(self.targets.dtype)
+
+    def finish(self, size: tuple[int, int], fingerprint: str) -> FeatureCache:
+        """The complete cache: in memory as it is; on disk flushed, marked complete and reopened read-only."""
+        if self.folder is None:
+            return FeatureCache(self.features, self.targets, size)
+        for array in self.maps:
+            array.flush()
+        self.features = self.targets = None
+        self.maps = ()
+        meta = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "size": list(size)}
+        tmp = self.folder / f".{_META}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.folder / _META)  # written last: its presence marks a complete cache
+        cache = FeatureCache.open(self.folder, fingerprint)
+        assert cache is not None
+        return cache
+
+
+def _body_passes(model: FCN, views: Dataset, num_views: int, size: tuple[int, int], *, dtype: str, batch_size: int,
+                 workers: int, channels_last: bool, progress: bool,
+                 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Runs the body over every view: ``(view, first image, packed features on the CPU, targets)`` per batch."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    bar = tqdm(total=num_views * len(views), desc="caching features", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    for v in range(num_views):
+        loader = DataLoader(_view(views, v), batch_size=batch_size, shuffle=False, num_workers=workers)
+        start = 0
+        for image, target in loader:
+            if tuple(image.shape[-2:]) != size:
+                raise DataError(
+                    f"cached views must all have one size (the training crop): got {tuple(image.shape[-2:])} "
+                    f"after {size}"
+                )
+            packed = _body_features(model, image.to(device), channels_last).to("cpu", _DTYPES[dtype])
+            if not bool(torch.isfinite(packed).all()):
+                raise FcnsegError(f"body features overflow {dtype}; cache them as float32")
+            yield v, start, packed, target
+            start += image.shape[0]
+            bar.update(image.shape[0])
+    bar.close()
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (float16, float32, uint8, int16)."""
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _check_build_arguments(model: FCN, num_views: int, dtype: str) -> None:
+    """Refuses a cache that cannot be built: an unfrozen body, no views, or an unknown storage type."""
+    if not getattr(model, "freeze_backbone", False):
+        raise ValueError("features can be cached only for a frozen backbone (freeze_backbone=True)")
+    if num_views < 1:
+        raise ValueError(f"num_views must be at least 1, got {num_views}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+
+
 def _view(views: Dataset, view: int) -> Dataset:
     """The training set as it is in epoch ``view``, without touching the caller's epoch."""
     clone = copy.copy(views)
@@ -391,6 +355,7 @@ def _view(views: Dataset, view: int) -> Dataset:
 
 
 def _body_features(model: FCN, image: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The packed features of one batch, the body in eval mode (its BatchNorm statistics are frozen too)."""
     image = pad_to_multiple(image, OUTPUT_STRIDE)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
@@ -404,6 +369,7 @@ def _body_features(model: FCN, image: torch.Tensor, channels_last: bool) -> torc
 
 
 def _check_fits_in_memory(needed: int) -> None:
+    """Refuses an in-memory cache of ``needed`` bytes that would crowd out the free memory (60% at most)."""
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not every platform reports it
@@ -415,7 +381,4 @@ def _check_fits_in_memory(needed: int) -> None:
         )
 
 
-__all__ = [
-    "CachedFeatureHead", "CachedViews", "FeatureCache", "cache_fingerprint", "cached_head_training",
-    "pack_features", "packed_channels", "unpack_features",
-]
+__all__ = ["CachedViews", "FeatureCache", "cache_fingerprint", "cached_head_training"]

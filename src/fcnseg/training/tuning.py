@@ -5,30 +5,39 @@ decay, batch size, crop size and schedule its sampler (TPE, seeded) picked; the 
 final validation mIoU. The study lives in ``OUT/study.db`` (SQLite): running the same search again
 continues it, resuming an interrupted trial from its ``last.pt``. At the end ``OUT/best.yaml`` holds
 the best recipe as a config file for ``fcnseg train --config``, and ``OUT/trials.json`` every trial.
+The search space and the study's bookkeeping are in `fcnseg.training.tuning_study`; this module runs
+the search and its trials.
 
 Optuna is an optional dependency (``pip install 'fcnseg[tune]'``), imported only when a search runs.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import yaml
 
 from fcnseg.errors import CheckpointError, DataError, FcnsegError, WeightsError
-from fcnseg.training.config import CHOICES, TrainConfig
+from fcnseg.training.config import TrainConfig
+from fcnseg.training.tuning_study import (
+    STUDY_NAME,
+    SearchSpace,
+    config_params,
+    exclusive_lock,
+    finished_lineages,
+    interrupted_lineages,
+    lineage_root,
+    open_study,
+    param_text,
+    trial_dir_name,
+    trial_record,
+)
 
-STUDY_NAME = "fcnseg-tune"
 INSTALL_HINT = "pip install 'fcnseg[tune]'"
-SEARCHED = ("lr", "weight_decay", "batch_size", "crop", "schedule")
-# Fields that do not change what a trial computes: a resumed study may differ in these.
-_IGNORED_ON_RESUME = {"out", "resume", "workers", "device", "checkpoint_every", "save_every", "extra"}
 
 
 def import_optuna():
@@ -38,71 +47,6 @@ def import_optuna():
     except ImportError:
         raise FcnsegError(f"fcnseg tune needs Optuna, which is not installed: {INSTALL_HINT}") from None
     return optuna
-
-
-@dataclass
-class SearchSpace:
-    """What a search varies; a field set to None is not searched (the base config's value is used).
-
-    Attributes:
-        lr: (low, high) of the log-uniform learning-rate range.
-        weight_decay: (low, high) of the log-uniform weight-decay range.
-        batch_size: batch sizes to choose from.
-        crop: training crops (height, width) to choose from.
-        schedule: learning-rate schedules to choose from ("constant", "poly", "cosine").
-    """
-
-    lr: tuple[float, float] | None = (1e-3, 1e-1)
-    weight_decay: tuple[float, float] | None = (1e-5, 1e-3)
-    batch_size: tuple[int, ...] | None = (4, 8, 16)
-    crop: tuple[tuple[int, int], ...] | None = ((256, 352), (320, 480))
-    schedule: tuple[str, ...] | None = ("poly", "cosine")
-
-    def validate(self) -> None:
-        for name in ("lr", "weight_decay"):
-            bounds = getattr(self, name)
-            if bounds is not None and not (len(bounds) == 2 and 0 < bounds[0] < bounds[1]):
-                raise FcnsegError(f"the {name} range must be LOW HIGH with 0 < LOW < HIGH, got {bounds}")
-        if self.batch_size is not None and (not self.batch_size or min(self.batch_size) < 1):
-            raise FcnsegError(f"batch sizes must be positive, got {self.batch_size}")
-        if self.crop is not None and (not self.crop or min(min(c) for c in self.crop) < 1):
-            raise FcnsegError(f"crops must be positive HxW sizes, got {self.crop}")
-        if self.schedule is not None:
-            unknown = [s for s in self.schedule if s not in CHOICES["schedule"]]
-            if unknown or not self.schedule:
-                raise FcnsegError(f"schedules must be among {', '.join(CHOICES['schedule'])}, got {self.schedule}")
-
-    def searched(self) -> list[str]:
-        return [name for name in SEARCHED if getattr(self, name) is not None]
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able description, stored with the study so that a resumed search can be checked."""
-        out: dict[str, Any] = {}
-        for name in self.searched():
-            value = getattr(self, name)
-            if name in ("lr", "weight_decay"):
-                out[name] = {"log_uniform": [float(v) for v in value]}
-            elif name == "crop":
-                out[name] = {"choices": [_crop_text(c) for c in value]}
-            else:
-                out[name] = {"choices": list(value)}
-        return out
-
-    def suggest(self, trial) -> dict[str, Any]:
-        """Draws one recipe from an Optuna trial: TrainConfig field values."""
-        params: dict[str, Any] = {}
-        if self.lr is not None:
-            params["lr"] = trial.suggest_float("lr", *self.lr, log=True)
-        if self.weight_decay is not None:
-            params["weight_decay"] = trial.suggest_float("weight_decay", *self.weight_decay, log=True)
-        if self.batch_size is not None:
-            params["batch_size"] = trial.suggest_categorical("batch_size", list(self.batch_size))
-        if self.crop is not None:
-            # Categorical choices must be plain scalars: crops travel as "HxW" text.
-            params["crop"] = _parse_crop(trial.suggest_categorical("crop", [_crop_text(c) for c in self.crop]))
-        if self.schedule is not None:
-            params["schedule"] = trial.suggest_categorical("schedule", list(self.schedule))
-        return params
 
 
 @dataclass
@@ -159,10 +103,31 @@ def tune(
             on; a diverged trial scores mIoU 0.
     """
     optuna = import_optuna()
-    from optuna.trial import TrialState
-
     space = space or SearchSpace()
     space.validate()
+    trial_base = _trial_base(base, trials, iterations_per_trial, epochs_per_trial)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_path = out_dir / "study.db"
+    with exclusive_lock(out_dir / "tune.lock"):
+        study = open_study(optuna, study_path, space, trial_base, seed=base.seed, startup_trials=startup_trials,
+                           pruning=pruning)
+        done = _queue_interrupted(study, optuna, out_dir, log)
+        remaining = trials - done
+        if remaining > 0:
+            log(f"study {study_path}: {done} finished trial(s), running {remaining} more "
+                f"(searching {', '.join(space.searched()) or 'nothing'})")
+            objective = _Objective(space, trial_base, out_dir, progress, log, optuna)
+            study.optimize(objective, n_trials=remaining, catch=(_TrialError,),
+                           timeout=timeout_minutes * 60 if timeout_minutes else None)
+        else:
+            log(f"study {study_path} already has {done} finished trial(s) (asked for {trials})")
+        return _search_result(study, optuna, base, trial_base, out_dir, study_path)
+
+
+def _trial_base(base: TrainConfig, trials: int, iterations_per_trial: int | None,
+                epochs_per_trial: int | None) -> TrainConfig:
+    """The settings every trial starts from: ``base`` with the trial budget, never resumed; checked."""
     if trials < 1:
         raise FcnsegError("--trials must be at least 1")
     if iterations_per_trial is not None and epochs_per_trial is not None:
@@ -174,51 +139,38 @@ def tune(
         trial_base.epochs, trial_base.iterations = epochs_per_trial, None
     if (trial_base.iterations or trial_base.epochs) < 1:
         raise FcnsegError("the trial budget must be at least one iteration or epoch")
+    return trial_base
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    study_path = out_dir / "study.db"
-    with _exclusive_lock(out_dir / "tune.lock"):
-        storage = optuna.storages.RDBStorage(f"sqlite:///{study_path.resolve()}")
-        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
-                                    load_if_exists=True)
-        _check_same_search(study, space, trial_base)
-        # Seeded by how many trials exist, so that a resumed search does not replay its first draws.
-        study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials), n_startup_trials=startup_trials)
-        study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=1)
-                        if pruning else optuna.pruners.NopPruner())
-        _fail_stale_trials(study, storage, TrialState)
-        for root, params in _interrupted_lineages(study, TrialState):
-            study.enqueue_trial(params, user_attrs={"resume_of": root})
-            log(f"trial {root} was interrupted: it resumes from {out_dir / _trial_dir_name(root) / 'last.pt'}")
 
-        done = _finished_lineages(study, TrialState)
-        remaining = trials - done
-        if remaining > 0:
-            log(f"study {study_path}: {done} finished trial(s), running {remaining} more "
-                f"(searching {', '.join(space.searched()) or 'nothing'})")
-            objective = _Objective(space, trial_base, out_dir, progress, log, optuna)
-            study.optimize(objective, n_trials=remaining, catch=(_TrialError,),
-                           timeout=timeout_minutes * 60 if timeout_minutes else None)
-        else:
-            log(f"study {study_path} already has {done} finished trial(s) (asked for {trials})")
+def _queue_interrupted(study, optuna, out_dir: Path, log: Callable[[str], None]) -> int:
+    """Queues every interrupted trial to resume in its run folder; returns the trials that already ended."""
+    TrialState = optuna.trial.TrialState
+    for root, params in interrupted_lineages(study, TrialState):
+        study.enqueue_trial(params, user_attrs={"resume_of": root})
+        log(f"trial {root} was interrupted: it resumes from {out_dir / trial_dir_name(root) / 'last.pt'}")
+    return finished_lineages(study, TrialState)
 
-        records = [_trial_record(t, out_dir) for t in study.get_trials(deepcopy=False)]
-        (out_dir / "trials.json").write_text(json.dumps(records, indent=2))
-        completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if not completed:
-            return TuneResult(out_dir, study_path, _finished_lineages(study, TrialState), records, None, None, None, None)
-        best = max(completed, key=lambda t: (t.value, -t.number))
-        best_params = _config_params(best.params)
-        best_yaml = write_best_config(base, best_params, out_dir / "best.yaml", header=[
-            f"fcnseg tune: the best of {len(completed)} complete trial(s) in {study_path}",
-            f"trial {_root(best)}: val mIoU {best.value:.4f} with a budget of {_budget_text(trial_base)} "
-            f"(exact trial settings: {out_dir / _trial_dir_name(_root(best)) / 'config.yaml'})",
-            "tuned: " + ", ".join(f"{k}={_param_text(v)}" for k, v in best.params.items()),
-            f"train with it: fcnseg train --config {out_dir / 'best.yaml'} --out runs/best",
-        ])
-        return TuneResult(out_dir, study_path, _finished_lineages(study, TrialState), records, _root(best),
-                          float(best.value), best_params, best_yaml)
+
+def _search_result(study, optuna, base: TrainConfig, trial_base: TrainConfig, out_dir: Path,
+                   study_path: Path) -> TuneResult:
+    """Writes ``trials.json`` and, with a complete trial, ``best.yaml``; returns what the search found."""
+    TrialState = optuna.trial.TrialState
+    records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    (out_dir / "trials.json").write_text(json.dumps(records, indent=2))
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not completed:
+        return TuneResult(out_dir, study_path, finished_lineages(study, TrialState), records, None, None, None, None)
+    best = max(completed, key=lambda t: (t.value, -t.number))
+    best_params = config_params(best.params)
+    best_yaml = write_best_config(base, best_params, out_dir / "best.yaml", header=[
+        f"fcnseg tune: the best of {len(completed)} complete trial(s) in {study_path}",
+        f"trial {lineage_root(best)}: val mIoU {best.value:.4f} with a budget of {_budget_text(trial_base)} "
+        f"(exact trial settings: {out_dir / trial_dir_name(lineage_root(best)) / 'config.yaml'})",
+        "tuned: " + ", ".join(f"{k}={param_text(v)}" for k, v in best.params.items()),
+        f"train with it: fcnseg train --config {out_dir / 'best.yaml'} --out runs/best",
+    ])
+    return TuneResult(out_dir, study_path, finished_lineages(study, TrialState), records, lineage_root(best),
+                      float(best.value), best_params, best_yaml)
 
 
 class _TrialError(Exception):
@@ -234,34 +186,23 @@ class _Objective:
         self.progress, self.log, self.optuna = progress, log, optuna
 
     def __call__(self, trial) -> float:
+        """Trains the trial's recipe and returns its final val mIoU (0 for a diverged run)."""
         from fcnseg.training.step import TrainingDiverged
         from fcnseg.training.trainer import train
 
         params = self.space.suggest(trial)
         root = trial.user_attrs.get("resume_of", trial.number)
-        run_dir = self.out_dir / _trial_dir_name(root)
+        run_dir = self.out_dir / trial_dir_name(root)
         config = dataclasses.replace(self.trial_base, **params, out=str(run_dir), resume=root != trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
-        self.log(f"trial {root}: " + ", ".join(f"{k}={_param_text(v)}" for k, v in trial.params.items()))
-
-        def report(record: dict[str, Any]) -> None:
-            if "miou" not in record:
-                return
-            trial.report(record["miou"], step=record["epoch"])
-            last = (record["iteration"] >= config.iterations if config.iterations else record["epoch"] >= config.epochs)
-            if not last and trial.should_prune():
-                trial.set_user_attr("pruned_at_epoch", record["epoch"])
-                trial.set_user_attr("train_seconds", record["time_s"])
-                self.log(f"trial {root}: pruned after epoch {record['epoch']} (mIoU {record['miou']:.4f})")
-                raise self.optuna.TrialPruned(f"mIoU {record['miou']:.4f} at epoch {record['epoch']}")
-
+        self.log(f"trial {root}: " + ", ".join(f"{k}={param_text(v)}" for k, v in trial.params.items()))
         finished = run_dir / "metrics.json"
         if config.resume and finished.exists():
             # Killed after its run ended but before the study recorded it: nothing left to train.
             return self._score(trial, root, json.loads(finished.read_text()), _train_seconds(run_dir))
         tic = time.perf_counter()
         try:
-            result = train(config, progress=self.progress, on_epoch_end=report)
+            result = train(config, progress=self.progress, on_epoch_end=self._reporter(trial, root, config))
         except TrainingDiverged as err:
             # Worst score instead of a failure: the sampler learns that this region diverges.
             trial.set_user_attr("diverged", str(err))
@@ -279,7 +220,23 @@ class _Objective:
             raise _TrialError(message) from err
         return self._score(trial, root, result.final_metrics or {}, result.train_seconds)
 
+    def _reporter(self, trial, root: int, config: TrainConfig) -> Callable[[dict[str, Any]], None]:
+        """The trainer's ``on_epoch_end``: reports each epoch's mIoU, and prunes the trial when Optuna says so."""
+        def report(record: dict[str, Any]) -> None:
+            if "miou" not in record:
+                return
+            trial.report(record["miou"], step=record["epoch"])
+            last = (record["iteration"] >= config.iterations if config.iterations else record["epoch"] >= config.epochs)
+            if not last and trial.should_prune():
+                trial.set_user_attr("pruned_at_epoch", record["epoch"])
+                trial.set_user_attr("train_seconds", record["time_s"])
+                self.log(f"trial {root}: pruned after epoch {record['epoch']} (mIoU {record['miou']:.4f})")
+                raise self.optuna.TrialPruned(f"mIoU {record['miou']:.4f} at epoch {record['epoch']}")
+
+        return report
+
     def _score(self, trial, root: int, metrics: dict[str, Any], seconds: float) -> float:
+        """Records a finished run's metrics on the trial and returns its mIoU."""
         miou = float(metrics.get("miou", 0.0))
         trial.set_user_attr("train_seconds", round(seconds, 1))
         trial.set_user_attr("pixel_acc", metrics.get("pixel_acc"))
@@ -301,9 +258,7 @@ def write_best_config(base: TrainConfig, params: dict[str, Any], path: str | Pat
 
     The run folder and resume flag are left out, so that ``--out`` decides where the run goes.
     """
-    from fcnseg.training.trainer import _plain
-
-    values = _plain(dataclasses.replace(base, **params).to_dict())
+    values = dataclasses.replace(base, **params).to_plain_dict()
     for key in ("out", "resume", "extra"):
         values.pop(key, None)
     path = Path(path)
@@ -314,135 +269,9 @@ def write_best_config(base: TrainConfig, params: dict[str, Any], path: str | Pat
     return path
 
 
-def _trial_dir_name(number: int) -> str:
-    return f"trial_{number:03d}"
-
-
-def _root(trial) -> int:
-    """The trial a retried trial continues (its run folder's number)."""
-    return int(trial.user_attrs.get("resume_of", trial.number))
-
-
-def _crop_text(crop: tuple[int, int]) -> str:
-    return f"{int(crop[0])}x{int(crop[1])}"
-
-
-def _parse_crop(text: str) -> tuple[int, int]:
-    height, width = str(text).split("x")
-    return int(height), int(width)
-
-
-def _config_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: _parse_crop(v) if k == "crop" else v for k, v in params.items()}
-
-
-def _param_text(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def _budget_text(config: TrainConfig) -> str:
+    """A trial budget for best.yaml's header: "N iterations" or "N epochs"."""
     return f"{config.iterations} iterations" if config.iterations else f"{config.epochs} epochs"
 
 
-def _comparable(config: TrainConfig, space: SearchSpace) -> dict[str, Any]:
-    from fcnseg.training.trainer import _plain
-
-    ignored = _IGNORED_ON_RESUME | set(space.searched())
-    return {k: v for k, v in _plain(config.to_dict()).items() if k not in ignored}
-
-
-def _check_same_search(study, space: SearchSpace, trial_base: TrainConfig) -> None:
-    """Stores the search's settings in a new study; refuses to continue one made with other settings."""
-    settings = {"search_space": space.describe(), "trial_config": _comparable(trial_base, space)}
-    settings = json.loads(json.dumps(settings))  # the JSON round trip the storage applies
-    stored = {k: study.user_attrs.get(k) for k in settings}
-    if all(v is None for v in stored.values()) and not study.trials:
-        for key, value in settings.items():
-            study.set_user_attr(key, value)
-        return
-    differences = []
-    for key, value in settings.items():
-        old = stored[key] or {}
-        for name in sorted(set(old) | set(value)):
-            if old.get(name) != value.get(name):
-                differences.append(f"{name}: {old.get(name)!r} before, {value.get(name)!r} now")
-    if differences:
-        raise FcnsegError("this study was made with other settings (" + "; ".join(differences[:6]) +
-                          "); use another --out to start a new search")
-
-
-def _fail_stale_trials(study, storage, TrialState) -> None:
-    # We hold the folder's lock, so a trial still marked running was cut short (killed, power loss).
-    study_id = storage.get_study_id_from_name(STUDY_NAME)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-
-
-def _lineages(study) -> dict[int, list]:
-    lineages: dict[int, list] = {}
-    for trial in study.get_trials(deepcopy=False):
-        lineages.setdefault(_root(trial), []).append(trial)
-    return lineages
-
-
-def _interrupted_lineages(study, TrialState) -> list[tuple[int, dict[str, Any]]]:
-    """(run number, params) of every trial whose latest attempt was interrupted (killed, Ctrl-C),
-    not failed by its own error; queued ones are not repeated."""
-    pending = []
-    for root, attempts in sorted(_lineages(study).items()):
-        latest = max(attempts, key=lambda t: t.number)
-        if latest.state == TrialState.FAIL and "error" not in latest.user_attrs:
-            pending.append((root, dict(latest.params)))
-    return pending
-
-
-def _finished_lineages(study, TrialState) -> int:
-    """Trials that ran to an end: complete, pruned, or failed by an error of their recipe."""
-    def ended(trial) -> bool:
-        return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-            trial.state == TrialState.FAIL and "error" in trial.user_attrs)
-
-    return sum(any(ended(t) for t in attempts) for attempts in _lineages(study).values())
-
-
-def _trial_record(trial, out_dir: Path) -> dict[str, Any]:
-    attrs = trial.user_attrs
-    value = trial.value  # None unless complete; a pruned trial keeps its last reported mIoU below
-    last_reported = None
-    if trial.intermediate_values:
-        step = max(trial.intermediate_values)
-        last_reported = {"epoch": step, "miou": trial.intermediate_values[step]}
-    return {
-        "number": trial.number,
-        "run": _trial_dir_name(_root(trial)),
-        "state": trial.state.name.lower(),
-        "miou": None if value is None or math.isnan(value) else float(value),
-        "params": dict(trial.params),
-        "pixel_acc": attrs.get("pixel_acc"),
-        "train_seconds": attrs.get("train_seconds"),
-        "last_reported": last_reported,
-        "resume_of": attrs.get("resume_of"),
-        "diverged": attrs.get("diverged"),
-        "error": attrs.get("error"),
-        "pruned_at_epoch": attrs.get("pruned_at_epoch"),
-    }
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Holds an exclusive lock on ``path`` (POSIX); one search per folder at a time."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; do not run two searches on one folder there
-        yield
-        return
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise FcnsegError(f"another fcnseg tune is running on {path.parent}; wait for it or use another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+__all__ = ["INSTALL_HINT", "STUDY_NAME", "SearchSpace", "TuneResult", "import_optuna", "tune", "write_best_config"]
