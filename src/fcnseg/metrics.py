@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fcnseg.constants import IGNORE_INDEX
+
 
 @dataclass
 class SegmentationMetrics:
@@ -51,7 +53,7 @@ class ConfusionMatrix:
         device: where the matrix lives; defaults to the first update's device.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str | None = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)

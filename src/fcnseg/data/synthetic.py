@@ -97,7 +97,7 @@ def make_synthetic(
     (out / "val.txt").write_text("".join(f"{s}\n" for s in val))
     lines = [f"description: {MARKER}, num_classes={num_classes} n={n} size={height}x{width} seed={seed}",
              "classes:"] + [f"  - {name}" for name in names] + ["colors:"] + [f"  - [{r}, {g}, {b}]" for r, g, b in colors]
-    lines += ["ignore_index: 255", ""]
+    lines += [f"ignore_index: {IGNORE_INDEX}", ""]
     (out / "classes.yaml").write_text("\n".join(lines))
     return out
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD
+from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.data.io import ImageLike, image_to_tensor
 from fcnseg.inference.windows import DEFAULT_WINDOW, MODES, Mode, Size, predict_sliding, predict_whole
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
@@ -64,7 +64,7 @@ class Segmenter:
         flip: bool = False,
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         optimize: bool = True,
     ) -> None:
         if mode not in MODES:

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcnseg.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
+from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.errors import CheckpointError
-from fcnseg.models import build_model
+from fcnseg.models.fcn import build_model
 from fcnseg.runtime import atomic_write
 
 FORMAT = "fcnseg-checkpoint"
@@ -29,7 +29,7 @@ def make_checkpoint(
     *,
     classes: list[str],
     colors: list[tuple[int, int, int]] | list[list[int]],
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     **extra: Any,
