@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False  # replace the finished or abandoned run in `out` instead of refusing
     checkpoint_every: int = 0  # iterations; 0: at the end of each epoch only
     eval_every: int = 1  # epochs
     save_every: int = 1  # epochs; last.pt is always written at the end of the run
