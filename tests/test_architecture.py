@@ -25,6 +25,8 @@ FORBIDDEN = {
     "fcnseg.runtime": ("fcnseg.models", "fcnseg.data", "fcnseg.training", "fcnseg.inference", "fcnseg.ops",
                        "fcnseg.cli"),
     "fcnseg.constants": ("fcnseg.",),
+    "fcnseg.progress": ("fcnseg.models", "fcnseg.data", "fcnseg.training", "fcnseg.inference", "fcnseg.ops",
+                        "fcnseg.cli", "fcnseg.evaluation", "fcnseg.export", "fcnseg.visualize"),
 }
 
 

@@ -2,7 +2,10 @@
 `evaluate_checkpoint` on a tiny synthetic dataset against predicting image by image; `write_report`."""
 from __future__ import annotations
 
+import inspect
 import json
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -10,12 +13,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fcnseg.constants import MAX_IMAGE_PIXELS_ENV
 from fcnseg.data import default_palette
 from fcnseg.data.synthetic import make_synthetic, synthetic_classes
+from fcnseg.errors import DataError
 from fcnseg.evaluation import EvaluationReport, evaluate, evaluate_checkpoint, write_report
 from fcnseg.metrics import ConfusionMatrix
 from fcnseg.models import build_model, inference_form
 from fcnseg.models.checkpoint import make_checkpoint, model_from_checkpoint, save_checkpoint
+from tests.data.test_io import header_only_png
 
 VOID = 255
 CPU = torch.device("cpu")
@@ -148,7 +154,9 @@ def _by_hand(checkpoint_path, root, split, limit=None):
 
 @pytest.mark.parametrize("split,batch_size,limit", [("train", 2, None), ("val", 4, None), ("train", 3, 4)])
 def test_evaluate_checkpoint_equals_predicting_by_hand(scenes, checkpoint_path, split, batch_size, limit):
-    report = evaluate_checkpoint(checkpoint_path, "folder", scenes, split, batch_size=batch_size, max_images=limit)
+    # amp="none": compared with float32 logits by hand, to the pixel (the default "auto" is bf16 on CPUs with native bf16).
+    report = evaluate_checkpoint(checkpoint_path, "folder", scenes, split, batch_size=batch_size, max_images=limit,
+                                 amp="none")
     count, matrix, loss = _by_hand(checkpoint_path, scenes, split, limit)
     assert report.num_images == count
     assert report.classes == synthetic_classes(3) and report.mode == "whole" and not report.flip
@@ -163,6 +171,24 @@ def test_sliding_with_one_window_equals_whole(scenes, checkpoint_path):
     sliding = evaluate_checkpoint(checkpoint_path, "folder", scenes, "train", mode="sliding", window=(40, 56))
     assert sliding.mode == "sliding"
     np.testing.assert_array_equal(sliding.confusion.matrix.numpy(), whole.confusion.matrix.numpy())
+
+
+def test_amp_auto_is_the_default_as_for_segmenter():
+    assert inspect.signature(evaluate_checkpoint).parameters["amp"].default == "auto"
+
+
+def test_an_image_above_the_pixel_cap_in_the_split_is_a_data_error(scenes, checkpoint_path, tmp_path, monkeypatch):
+    """A PNG whose header declares 10^10 pixels: refused, with the file named, before any prediction."""
+    monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "")  # empty: the default; and restored afterwards, unlike delenv of an unset name
+    root = shutil.copytree(scenes, tmp_path / "data")
+    header_only_png(root / "images" / "huge.png", 100_000, 100_000)
+    Image.new("L", (56, 40)).save(root / "masks" / "huge.png")
+    first = (root / "train.txt").read_text().split()[0]
+    (root / "bomb.txt").write_text(f"{first}\nhuge\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(DataError, match=r"huge.png: the image is 10,000,000,000 pixels, above the cap"):
+            evaluate_checkpoint(checkpoint_path, "folder", root, "bomb")
 
 
 # --- write_report ----------------------------------------------------------------------------------

@@ -2,11 +2,23 @@
 writes that never leave a half-written file, and the allocator setting."""
 from __future__ import annotations
 
+import os
+import stat
+import sys
+
 import pytest
 import torch
 
 from fcnseg import runtime
-from fcnseg.runtime import atomic_write, autocast_context, keep_freed_memory, resolve_amp_dtype, select_device
+from fcnseg.errors import OptionError
+from fcnseg.runtime import (
+    atomic_write,
+    autocast_context,
+    current_umask,
+    keep_freed_memory,
+    resolve_amp_dtype,
+    select_device,
+)
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
@@ -50,6 +62,16 @@ def test_mps_without_mps_is_a_clear_error(no_accelerator):
         select_device("mps")
 
 
+@pytest.mark.parametrize("name,message", [("cuda", "'cuda' requested but CUDA is not available; use --device cpu or auto"),
+                                          ("cuda:1", "CUDA is not available"), ("mps", "MPS is not available"),
+                                          ("gpu", "unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps")])
+def test_an_unavailable_or_unknown_device_is_a_usage_error(no_accelerator, name, message):
+    """OptionError: every command reports it as a usage error (exit status 2); still a ValueError."""
+    with pytest.raises(OptionError, match=message):
+        select_device(name)
+    assert issubclass(OptionError, ValueError)
+
+
 def test_a_real_auto_choice_is_a_device_that_works():
     device = select_device("auto")
     expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
@@ -65,6 +87,12 @@ def test_explicit_amp_choices(device):
     assert resolve_amp_dtype("none", device) is None
     assert resolve_amp_dtype("bf16", device) is torch.bfloat16
     assert resolve_amp_dtype("fp16", device) is torch.float16
+
+
+def test_an_unknown_amp_choice_is_a_usage_error():
+    for bad in ("fast", "fp32", "BF16", ""):
+        with pytest.raises(OptionError, match=f"unknown amp choice {bad!r}; choose one of auto, bf16, fp16, none"):
+            resolve_amp_dtype(bad, CPU)
 
 
 @pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, None)])
@@ -152,6 +180,26 @@ def test_a_failing_first_write_creates_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         atomic_write(tmp_path / "new.bin", writer)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def umask():
+    """Sets the process umask for a test, and puts the previous one back."""
+    previous = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Unix permissions")
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mask, mode):
+    """Like any file the user creates (mkstemp alone would leave checkpoints and ONNX files 0600)."""
+    umask(mask)
+    assert current_umask() == mask
+    path = atomic_write(tmp_path / "file.bin", lambda f: f.write(b"x"))
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    (tmp_path / "plain.txt").write_text("x")  # the reference: what open() gives under this umask
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == mode
 
 
 # --- keep_freed_memory -----------------------------------------------------------------------------

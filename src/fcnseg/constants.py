@@ -14,3 +14,20 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 
 MASK_EXTENSIONS: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".gif")
 """Files read as label masks: lossless formats only (a JPEG mask's edges hold invented colours)."""
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""The default pixel cap: images with more pixels (width x height, from the header) are refused
+before decoding. It is Pillow's own decompression-bomb warning threshold (1 GiB of RGBA at 4 bytes,
+over 3), so fcnseg refuses where Pillow starts to warn: a 48-megapixel phone photo (8000x6000) and
+a 61-megapixel full-frame camera pass; a 144-megapixel PNG of a few hundred bytes does not. Decoding
+at the cap takes 268 MB as RGB, about 1 GB as float32 for the model, and the FCN's logits of 21
+classes 7.5 GB: more would be minutes of CPU for a photo nobody meant to segment at full size.
+Raise it with `fcnseg.data.io.set_max_image_pixels` or ``--max-pixels``."""
+
+MAX_IMAGE_PIXELS_ENV = "FCNSEG_MAX_IMAGE_PIXELS"
+"""The environment variable that carries a raised (or lowered) pixel cap to DataLoader worker
+processes: ``0`` or ``none`` for no cap."""
+
+AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")
+"""The mixed-precision choices (``--amp``, ``Segmenter(amp=...)``): "auto" is bf16 where the
+hardware computes it natively, fp16 on other GPUs, float32 elsewhere (`fcnseg.runtime.resolve_amp_dtype`)."""

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from fcnseg.constants import IGNORE_INDEX
 from fcnseg.data.samplers import image_sizes, size_grouped_batches
-from fcnseg.errors import FcnsegError
+from fcnseg.errors import UsageError
 from fcnseg.metrics import ConfusionMatrix, SegmentationMetrics
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.models.inference_form import inference_form
@@ -99,9 +99,10 @@ def evaluate_checkpoint(
     flip: bool = False,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
-    amp: str = "none",
+    amp: str = "auto",
     workers: int = 0,
     max_images: int | None = None,
+    progress: bool = True,
 ) -> EvaluationReport:
     """Whole-image metrics of a checkpoint on a split (void excluded), batched by image size.
 
@@ -109,6 +110,10 @@ def evaluate_checkpoint(
         mode: "whole" (pad to a multiple of 32, one pass, crop back) or "sliding" (windows of
             ``window``, stride ``stride``, logits averaged where they overlap).
         flip: average with the horizontally flipped prediction.
+        progress: show progress (a bar on a terminal, plain lines in a log; `fcnseg.progress`).
+        amp: mixed precision as ``--amp`` (`fcnseg.runtime.resolve_amp_dtype`): "auto" (the
+            default, as for `Segmenter`) is bf16 where the hardware computes it natively, else
+            float32; "none" for float32 everywhere.
     """
     from fcnseg.data import build_dataset
     from fcnseg.data.transforms import eval_transforms
@@ -119,7 +124,7 @@ def evaluate_checkpoint(
     model = inference_form(model_from_checkpoint(checkpoint), copy_model=False).to(device)
     dataset = build_dataset(dataset_name, root, split, transforms=eval_transforms(mean=tuple(checkpoint["mean"]), std=tuple(checkpoint["std"])))
     if list(dataset.classes) != list(checkpoint["classes"]):
-        raise FcnsegError(
+        raise UsageError(
             f"the checkpoint predicts {len(checkpoint['classes'])} classes ({', '.join(checkpoint['classes'][:4])}, ...) "
             f"but {dataset_name} at {root} has {len(dataset.classes)} ({', '.join(dataset.classes[:4])}, ...)"
         )
@@ -132,10 +137,11 @@ def evaluate_checkpoint(
         predict = lambda m, x: predict_whole(m, x, flip=flip)  # noqa: E731
     batches = size_grouped_batches(image_sizes(dataset), batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
-    from tqdm.auto import tqdm
+    from fcnseg.progress import progress_bar
 
     started = time.perf_counter()
-    metrics, matrix, loss = evaluate(model, tqdm(loader, desc=f"eval {split}", unit="batch"), len(checkpoint["classes"]),
+    counted = progress_bar(loader, desc=f"eval {split}", unit="batch", disable=not progress)
+    metrics, matrix, loss = evaluate(model, counted, len(checkpoint["classes"]),
                                      device=device, predict=predict, amp_dtype=resolve_amp_dtype(amp, device))
     return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode,
                             flip=flip, seconds=time.perf_counter() - started)

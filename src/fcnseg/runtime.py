@@ -3,7 +3,8 @@
 - Devices: CUDA, then Apple MPS, then CPU; whether the CPU computes bf16 natively.
 - AMP: which autocast dtype ``--amp auto`` means on a device.
 - Allocator: `keep_freed_memory`, a process-wide glibc setting that only entry points call.
-- Files: `atomic_write`, so a crash or kill mid-write leaves the previous file intact.
+- Files: `atomic_write`, so a crash or kill mid-write leaves the previous file intact, and the
+  file gets the permissions the umask gives any new file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
+
+from fcnseg.constants import AMP_CHOICES
+from fcnseg.errors import OptionError
 
 
 @functools.cache
@@ -36,7 +40,8 @@ def select_device(name: str | torch.device | None = "auto") -> torch.device:
     """Resolves "auto" (or None) to the best available device; passes explicit names through.
 
     Raises:
-        ValueError: an explicit CUDA/MPS device was asked for but is not available.
+        OptionError: (a ValueError) an explicit CUDA/MPS device was asked for but is not available,
+            or the name is not a device; a usage error, so every command answers it the same way.
     """
     if name is None or str(name) == "auto":
         if torch.cuda.is_available():
@@ -44,11 +49,14 @@ def select_device(name: str | torch.device | None = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # torch: "Expected one of cpu, cuda, ... at start of device string"
+        raise OptionError(f"unknown device {str(name)!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+        raise OptionError(f"device {str(name)!r} requested but CUDA is not available; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} requested but MPS is not available; use --device cpu or auto")
+        raise OptionError(f"device {str(name)!r} requested but MPS is not available; use --device cpu or auto")
     return device
 
 
@@ -57,7 +65,12 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
     "auto" gives bf16 on CPUs with native bf16 (AVX-512 BF16/AMX) and bf16-capable GPUs, fp16 on
     other GPUs, and no autocast elsewhere; "bf16"/"fp16" force one; "none" disables autocast.
+
+    Raises:
+        OptionError: a choice other than those of `fcnseg.constants.AMP_CHOICES`.
     """
+    if amp not in AMP_CHOICES:
+        raise OptionError(f"unknown amp choice {amp!r}; choose one of {', '.join(AMP_CHOICES)}")
     if amp == "none":
         return None
     if amp == "bf16":
@@ -125,12 +138,37 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, 2**31 - 1)))
     return _applied
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (e.g. 0o022), read without changing it where possible.
+
+    Linux reports it in /proc/self/status. Elsewhere the only way is to set a mask and put the old
+    one back (``os.umask``): a file another thread creates in that instant gets the temporary mask
+    0o022, the usual one, which is why it is the one set.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Calls ``write(file)`` on a temporary file and renames it to ``path`` once it is on disk."""
+    """Calls ``write(file)`` on a temporary file and renames it to ``path`` once it is on disk.
+
+    The file gets the permissions of any file the user creates (0o666 minus the umask, so
+    usually 0644): ``mkstemp`` creates its temporary file 0600, private to the owner, which the
+    rename would otherwise carry over to checkpoints and ONNX files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # not on Windows, where modes are not Unix permissions anyway
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

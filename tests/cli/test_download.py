@@ -37,6 +37,7 @@ def test_offline(tmp_path, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/VOCtrainval_11-May-2012.tar"
     monkeypatch.setattr(download, "VOC2012_URLS", (url,))
-    assert main(["download", "voc2012", "--root", str(tmp_path), "--no-progress"]) == 2
+    # A download that fails is a failure at run time (exit status 1), not a usage error.
+    assert main(["download", "voc2012", "--root", str(tmp_path), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert url in err and download.VOC2012_MD5 in err and "put it at" in err and "Traceback" not in err

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fcnseg import fcn_resnet18
@@ -25,7 +30,7 @@ def test_eval_json_matches_a_direct_confusion_matrix(tmp_path):
 
     out = tmp_path / "eval.json"
     assert main(["eval", str(tmp_path / "model.pt"), "--dataset", "folder", "--root", str(root),
-                 "--split", "val", "--out", str(out), "--device", "cpu"]) == 0
+                 "--split", "val", "--out", str(out), "--device", "cpu", "--amp", "none"]) == 0  # exact: fp32
     report = json.loads(out.read_text())
     assert out.with_suffix(".confusion.png").exists()
 
@@ -51,6 +56,114 @@ def test_eval_refuses_a_checkpoint_of_other_classes(tmp_path, capsys):
     root = make_synthetic(tmp_path / "data", num_classes=3, n=5, size=(40, 56), seed=1, progress=False)
     model = fcn_resnet18(num_classes=5, weights_backbone=None)
     save_checkpoint(make_checkpoint(model, classes=list("abcde"), colors=[(i, i, i) for i in range(5)]), tmp_path / "m.pt")
+    # A checkpoint of other classes than the dataset given: what was typed is wrong, a usage error (2).
     assert main(["eval", str(tmp_path / "m.pt"), "--dataset", "folder", "--root", str(root), "--device", "cpu",
                  "--out", str(tmp_path / "e.json")]) == 2
     assert "classes" in capsys.readouterr().err
+
+
+# Every mistake on the command line is a usage error (exit status 2) answered before the metrics are
+# computed; dataset and root default to those the checkpoint was trained on.
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels in its header and holds none."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def data_and_checkpoint(tmp_path) -> tuple[Path, Path]:
+    """A 5-scene folder dataset (val: one scene) and a checkpoint whose training config names it."""
+    root = make_synthetic(tmp_path / "data", num_classes=3, n=5, size=(32, 48), seed=1, progress=False)
+    classes = build_dataset("folder", root, "val").classes
+    model = fcn_resnet18(num_classes=3, weights_backbone=None)
+    checkpoint = make_checkpoint(model, classes=classes, colors=[(0, 0, 0), (9, 9, 9), (99, 99, 99)],
+                                 config={"dataset": "folder", "root": str(root), "crop": [32, 32]})
+    return root, save_checkpoint(checkpoint, tmp_path / "model.pt")
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """Fails a test that reaches the metrics: every check must come before them."""
+    import fcnseg.evaluation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the metrics were computed before the command line was checked")
+
+    monkeypatch.setattr(fcnseg.evaluation, "evaluate_checkpoint", refuse)
+
+
+def test_dataset_and_root_come_from_the_checkpoint(data_and_checkpoint, tmp_path, capsys):
+    root, checkpoint = data_and_checkpoint
+    out = tmp_path / "e.json"
+    assert main(["eval", str(checkpoint), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert f"dataset and root from the checkpoint's training config: --dataset folder --root {root}" in captured.out
+    assert json.loads(out.read_text())["num_images"] == 1
+    assert "eval val" not in captured.err  # --no-progress: no progress output
+
+
+def test_a_checkpoint_without_a_dataset_asks_for_one(tmp_path, no_evaluation, capsys):
+    model = fcn_resnet18(num_classes=3, weights_backbone=None)
+    save_checkpoint(make_checkpoint(model, classes=list("abc"), colors=[(0, 0, 0)] * 3), tmp_path / "m.pt")
+    assert main(["eval", str(tmp_path / "m.pt"), "--out", str(tmp_path / "e.json")]) == 2
+    assert "the checkpoint records no dataset to evaluate on; pass --dataset and --root" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "m.pt"), "--dataset", "folder", "--out", str(tmp_path / "e.json")]) == 2
+    assert "pass --root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--out", "{tmp}"], "is a folder; give a file name"),
+    (["--out", "{tmp}/model.pt/e.json"], "model.pt is a file, not a folder"),
+    (["--root", "{tmp}/nowhere"], "--root {tmp}/nowhere: no such folder"),
+    (["--mode", "sliding", "--window", "32x32", "--stride", "40x16"], "stride 40x16 is larger than the window 32x32"),
+    (["--mode", "sliding", "--stride", "48x48"], "stride 48x48 is larger than the window 32x32"),  # the training crop
+])
+def test_mistakes_are_refused_before_the_metrics(arguments, message, data_and_checkpoint, tmp_path, no_evaluation,
+                                                  capsys):
+    _, checkpoint = data_and_checkpoint
+    arguments = [a.format(tmp=tmp_path) for a in arguments]
+    if "--out" not in arguments:
+        arguments += ["--out", str(tmp_path / "e.json")]
+    assert main(["eval", str(checkpoint), "--device", "cpu", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_usage_error(data_and_checkpoint, tmp_path, no_evaluation, capsys):
+    _, checkpoint = data_and_checkpoint
+    assert main(["eval", str(checkpoint), "--device", "cuda", "--out", str(tmp_path / "e.json")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_batch_size_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "model.pt", "--batch-size", value])
+    assert exited.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
+
+
+def test_a_png_declaring_ten_gigapixels_is_refused_by_name(data_and_checkpoint, tmp_path, capsys):
+    root, checkpoint = data_and_checkpoint
+    (root / "images" / "00004.png").write_bytes(_png_header(100_000, 100_000))  # the val scene
+    status = main(["eval", str(checkpoint), "--out", str(tmp_path / "e.json"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1  # a bad data file, found at run time
+    assert "00004.png: the image is" in err and "10,000,000,000 pixels, above the cap" in err
+    assert "--max-pixels" in err and "Traceback" not in err
+
+
+def test_max_pixels_sets_the_cap_for_the_command_only(data_and_checkpoint, tmp_path, capsys):
+    from fcnseg.constants import MAX_IMAGE_PIXELS_ENV
+
+    before = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    _, checkpoint = data_and_checkpoint
+    assert main(["eval", str(checkpoint), "--out", str(tmp_path / "e.json"), "--device", "cpu", "--no-progress",
+                 "--max-pixels", "1000"]) == 1  # the 32x48 scenes are above a cap of 1000 pixels
+    assert "above the cap of 1,000 pixels" in capsys.readouterr().err
+    assert os.environ.get(MAX_IMAGE_PIXELS_ENV) == before

@@ -55,3 +55,25 @@ def test_errors_are_clean(checkpoint, tmp_path, capsys):
     assert "opset 18" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", str(checkpoint), "--sizes", "64by96"])
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("{tmp}", "is a folder; give a file name"),
+    ("{checkpoint}/m.onnx", "fcn16s.pt is a file, not a folder"),
+])
+def test_a_bad_out_is_refused_before_exporting(out, message, checkpoint, tmp_path, monkeypatch, capsys):
+    import fcnseg.export
+
+    monkeypatch.setattr(fcnseg.export, "export_onnx", lambda *a, **k: pytest.fail("exported before checking --out"))
+    assert main(["export", str(checkpoint), "--out", out.format(tmp=tmp_path, checkpoint=checkpoint)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_verify_is_a_flag_pair_and_tolerance_must_be_positive(checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(checkpoint), "--out", str(out), "--exporter", "legacy", "--sizes", "64x64",
+                 "--no-verify", "--verify", "--static"]) == 0
+    assert "all within" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["export", str(checkpoint), "--tolerance", "0"])
+    assert exited.value.code == 2 and "--tolerance" in capsys.readouterr().err

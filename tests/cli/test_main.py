@@ -1,6 +1,7 @@
 """The `fcnseg` entry point: help, version, and clean errors."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 
 from fcnseg import __version__
 from fcnseg.cli import build_parser, main
+from fcnseg.cli.options import DefaultsHelpFormatter
 
 
 def test_version_and_help_list_every_subcommand(capsys):
@@ -55,3 +57,33 @@ def test_info_lists_models_and_says_whether_the_softmax_kernel_is_used(capsys, m
     out = capsys.readouterr().out
     assert "not used (disabled by FCNSEG_NATIVE=0)" in out
     assert "fcn_resnet18" in out and "(1, 21, 64, 64)" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_predicting_commands_share_names_and_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--device DEVICE auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default: auto)",
+                  "(default: auto)", "--mode {whole,sliding}", "--window HxW", "--stride HxW", "--flip, --no-flip",
+                  "--progress, --no-progress", "--max-pixels N", "(default: 89,478,485)"):
+        assert shown in text, shown
+    assert "(if not given" not in text and "(default " not in text  # one way: "(default: X)"
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "export", "download", "make-synthetic", "info"])
+def test_every_boolean_is_a_flag_pair(command):
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            pytest.fail(f"fcnseg {command} {action.option_strings[0]} is a one-way switch, not --flag/--no-flag")
+    assert isinstance(sub.formatter_class, type) and issubclass(sub.formatter_class, DefaultsHelpFormatter)
+
+
+def test_eval_amp_defaults_to_auto_as_in_train():
+    args = build_parser().parse_args(["eval", "m.pt"])
+    assert (args.amp, args.device, args.progress, args.flip, args.split) == ("auto", "auto", True, False, "val")
+    args = build_parser().parse_args(["predict", "m.pt", "x.jpg", "--out", "o", "--no-progress", "--flip"])
+    assert (args.amp, args.progress, args.flip, args.overwrite) == ("auto", False, True, False)
+    assert build_parser().parse_args(["export", "m.pt", "--no-verify"]).verify is False

@@ -52,7 +52,8 @@ def test_folder_with_a_corrupt_file(checkpoint, photos, tmp_path, capsys):
     assert status == 1
     assert "2 ok, 1 failed" in captured.out
     assert "broken.jpg" in captured.out and "broken.jpg" in captured.err  # in the summary and when it happened
-    assert sorted(p.name for p in out.iterdir()) == ["gray.png", "gray_overlay.png", "street.png", "street_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["gray.png", "gray_overlay.png", "manifest.jsonl", "street.png",
+                                                     "street_overlay.png"]
 
     segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
     for stem, ext in (("street", ".jpg"), ("gray", ".png")):
@@ -116,8 +117,11 @@ def test_refuses_to_overwrite_inputs(checkpoint, photos, capsys):
 def test_bad_checkpoint_is_a_clean_error(photos, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    assert _run(bad, photos, "--out", tmp_path / "out") == 2
+    # The file exists but its content cannot be read: a failure at run time (1), not a usage error (2).
+    assert _run(bad, photos, "--out", tmp_path / "out") == 1
     assert "cannot read checkpoint" in capsys.readouterr().err
+    assert _run(tmp_path / "missing.pt", photos, "--out", tmp_path / "out") == 2  # what was typed is wrong
+    assert "checkpoint not found" in capsys.readouterr().err
 
 
 def test_mask_with_an_unknown_colour_fails_its_image_with_a_clear_error(checkpoint, photos, tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Folder datasets: the class-list format, pairing by stem, splits, and per-file problems."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -8,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fcnseg.constants import MAX_IMAGE_PIXELS_ENV
 from fcnseg.data import VOC_COLORMAP, FolderDataset, build_dataset, default_palette, read_class_file
+from fcnseg.data.samplers import image_sizes
 from fcnseg.errors import DataError
+from tests.data.test_io import header_only_png
 
 RNG = np.random.default_rng(0)
 
@@ -192,3 +197,35 @@ def test_drop_smaller_than(tmp_path):
     assert [p.stem for p in ds.image_paths] == ["b"] and ds.dropped == ["a"]
     with pytest.raises(DataError, match="all 2 images of split 'all' .* are smaller than 9x9"):
         FolderDataset(tmp_path, "all", drop_smaller_than=(9, 9))
+
+
+@pytest.mark.parametrize("width,height", [(100_000, 100_000), (12_000, 12_000)])
+def test_a_header_above_the_pixel_cap_is_a_data_error_when_sizes_are_read(tmp_path, monkeypatch, width, height):
+    """--drop-small and the size-grouped validation batches read sizes from headers: a PNG declaring
+    10^10 (or 1.44 x 10^8) pixels is refused there with the file named, not a traceback or minutes of CPU."""
+    monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "")  # empty: the default; and restored afterwards, unlike delenv of an unset name
+    make_folder(tmp_path, stems=("a", "b"))
+    header_only_png(tmp_path / "images" / "huge.png", width, height)
+    Image.new("L", (6, 5)).save(tmp_path / "masks" / "huge.png")
+    match = r"huge.png: the image is .* above the cap of 89,478,485 pixels.*--max-pixels"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(DataError, match=match):
+            FolderDataset(tmp_path, "all", drop_smaller_than=(2, 2))
+        with pytest.raises(DataError, match=match):
+            image_sizes(FolderDataset(tmp_path, "all"))
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="needs symbolic links")
+def test_broken_and_looping_links_are_reported_in_one_line_per_folder(tmp_path):
+    make_folder(tmp_path, stems=("a", "b"))
+    (tmp_path / "images" / "x.jpg").symlink_to(tmp_path / "images" / "gone.jpg")
+    (tmp_path / "images" / "y.jpg").symlink_to(tmp_path / "images" / "y.jpg")
+    (tmp_path / "masks" / "z.png").symlink_to(tmp_path / "nowhere" / "z.png")
+    with pytest.warns(UserWarning) as record:
+        ds = FolderDataset(tmp_path, "all")
+    assert [p.stem for p in ds.image_paths] == ["a", "b"]
+    assert [str(w.message) for w in record] == [
+        f"2 broken or looping symbolic links in {tmp_path / 'images'} skipped: x.jpg, y.jpg",
+        f"1 broken or looping symbolic link in {tmp_path / 'masks'} skipped: z.png",
+    ]

@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fcnseg import runtime
+from fcnseg.errors import OptionError
 from fcnseg.inference.segmenter import Segmenter
 from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
@@ -100,3 +102,44 @@ def test_segmenter_validates_arguments(model):
         Segmenter(model, CLASSES, COLORS[:2])
     with pytest.raises(ValueError, match="shape"):
         Segmenter(model, CLASSES, COLORS, device="cpu").predict(torch.zeros(2, 3, 8, 8))
+
+
+def test_a_stride_larger_than_the_window_is_refused_when_the_segmenter_is_made(model, monkeypatch):
+    """Refused at construction, before the model is copied or any image read."""
+    monkeypatch.setattr("fcnseg.inference.segmenter.inference_form", lambda *a, **k: pytest.fail("model prepared"))
+    with pytest.raises(OptionError, match="sliding stride 40x30 is larger than the window 32x48"):
+        Segmenter(model, CLASSES, COLORS, device="cpu", mode="sliding", window=(32, 48), stride=(40, 30))
+    with pytest.raises(OptionError, match="sliding window must be two positive sides"):
+        Segmenter(model, CLASSES, COLORS, device="cpu", mode="sliding", window=(0, 48))
+    with pytest.raises(OptionError, match="sliding stride must be two positive steps"):
+        Segmenter(model, CLASSES, COLORS, device="cpu", mode="sliding", window=(32, 48), stride=(-1, 30))
+    with pytest.raises(OptionError, match="batch_size must be positive"):
+        Segmenter(model, CLASSES, COLORS, device="cpu", batch_size=0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_precision_is_amp_auto(model, monkeypatch, native):
+    """The fast path is the default path: bf16 where the CPU computes it natively, float32 elsewhere."""
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda: native)
+    assert Segmenter(model, CLASSES, COLORS, device="cpu").dtype == (torch.bfloat16 if native else None)
+    assert Segmenter(model, CLASSES, COLORS, device="cpu", amp="none").dtype is None
+    assert Segmenter(model, CLASSES, COLORS, device="cpu", amp="bf16").dtype == torch.bfloat16
+    # An explicit dtype overrides amp, None (float32) included.
+    assert Segmenter(model, CLASSES, COLORS, device="cpu", amp="bf16", dtype=None).dtype is None
+    assert Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(OptionError, match="unknown amp choice 'fast'"):
+        Segmenter(model, CLASSES, COLORS, device="cpu", amp="fast")
+
+
+def test_from_checkpoint_takes_amp(resnet_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda: True)
+    path = save_checkpoint(make_checkpoint(resnet_model, classes=CLASSES, colors=COLORS), tmp_path / "ck.pt")
+    assert Segmenter.from_checkpoint(path, device="cpu").dtype == torch.bfloat16
+    fp32 = Segmenter.from_checkpoint(path, device="cpu", amp="none")
+    assert fp32.dtype is None and fp32.amp == "none"
+    # amp="none" gives the float32 logits of the model it predicts with.
+    photo = _photo(64, 96)
+    x = fp32.preprocess(photo)[None]
+    with torch.inference_mode():
+        reference = fp32.model(x)[0].softmax(0).numpy()
+    np.testing.assert_allclose(fp32.predict_proba(photo), reference, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fcnseg.errors import OptionError
 from fcnseg.inference.windows import (
+    check_window,
     count_map,
     default_stride,
     merge_windows,
@@ -43,6 +45,30 @@ def test_window_grid_rejects_gaps_and_bad_sizes():
         window_grid(0, 100, (10, 10), (5, 5))
     with pytest.raises(ValueError):
         window_grid(100, 100, (10, 10), (0, 5))
+
+
+@pytest.mark.parametrize("window,stride,message", [
+    ((32, 48), (40, 30), "sliding stride 40x30 is larger than the window 32x48: the pixels between windows would be skipped"),
+    ((32, 48), (20, 49), "sliding stride 20x49 is larger than the window 32x48"),
+    ((0, 48), None, "sliding window must be two positive sides .*got 0x48"),
+    ((32, -4), (20, 30), "sliding window must be two positive sides .*got 32x-4"),
+    ((32, 48), (0, 30), "sliding stride must be two positive steps .*got 0x30"),
+    ((32, 48), (20, -1), "sliding stride must be two positive steps .*got 20x-1"),
+])
+def test_bad_sliding_geometry_is_an_option_error_naming_it(model, window, stride, message):
+    """A usage error (OptionError, exit status 2 in the CLI; still a ValueError), from every entry point."""
+    image = torch.zeros(1, 3, 40, 60)
+    for call in (lambda: check_window(window, stride), lambda: window_grid(40, 60, window, stride or (1, 1)),
+                 lambda: predict_sliding(model, image, window=window, stride=stride)):
+        with pytest.raises(OptionError, match=message):
+            call()
+    assert issubclass(OptionError, ValueError)
+
+
+def test_a_stride_equal_to_the_window_is_accepted():
+    check_window((32, 48), (32, 48))
+    check_window((32, 48), None)
+    assert window_grid(64, 96, (32, 48), (32, 48)) == [(0, 0), (0, 48), (32, 0), (32, 48)]
 
 
 def test_default_stride_is_two_thirds_rounded_up():

@@ -3,6 +3,8 @@ code-carrying files are refused with `CheckpointError` (and their code never run
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,33 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(model, tmp_p
     # The control: an unsafe load of the same file does run the code, so the refusal above mattered.
     torch.load(path, weights_only=False)
     assert marker.is_dir()
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 2"])
+def test_a_code_pickle_is_described_in_fcnseg_words_never_with_torch_advice(model, tmp_path, how):
+    """torch's message advises loading with weights_only=False, which would run the code: never repeated."""
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    if how == "torch.save":
+        torch.save({**make_checkpoint(model, classes=CLASSES, colors=COLORS), "payload": _RunsCode(marker)}, path)
+    else:  # a bare pickle whose REDUCE calls os.mkdir (what a hand-made malicious file looks like)
+        path.write_bytes(pickle.dumps({"format": FORMAT, "payload": _RunsCode(marker)}, protocol=2))
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    assert re.search(r"evil.pt: it holds pickled objects other than tensors and plain data \(it names \w*\.?mkdir\)", message)
+    assert "it was not loaded, and nothing in it ran" in message and "sources you trust" in message
+    for advice in ("weights_only", "can still be loaded", "trusted source", "add_safe_globals", "\x1b"):
+        assert advice not in message
+    assert not marker.exists()
+
+
+def test_a_pickle_the_safe_loader_cannot_parse_gets_no_torch_advice(tmp_path):
+    path = tmp_path / "odd.pt"
+    path.write_bytes(b"xx")  # torch's own words for this one: "Re-running torch.load with weights_only set to False..."
+    with pytest.raises(CheckpointError, match="odd.pt: not a pickle of tensors and plain data that can be read safely") as raised:
+        load_checkpoint(path)
+    assert "weights_only" not in str(raised.value)
 
 
 def test_a_truncated_file_is_refused(saved, tmp_path):

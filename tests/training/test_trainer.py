@@ -157,7 +157,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
 
     monkeypatch.setattr(fcnseg.training.loss, "fcn_cross_entropy", diverging_loss)
     status = main(tiny_args(tiny_scenes, out, "--epochs", "2", "--resume"))
-    assert status == 2 and len(calls) == 2
+    assert status == 1 and len(calls) == 2  # a failure at run time, not a usage error (fcnseg.errors)
     err = capsys.readouterr().err
     assert "loss is nan" in err and "last good checkpoint" in err
     assert (out / "last.pt").read_bytes() == before
@@ -279,3 +279,62 @@ def test_a_users_dataset_without_classes_is_refused(tmp_path):
     with pytest.raises(FcnsegError, match="no dataset root"):
         train(user_config(tmp_path / "run"), train_dataset=Squares(4, seed=0), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_run_is_refused_then_resumed_or_overwritten(tiny_scenes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_scenes, out, "--epochs", "1")) == 0
+    first = (out / "metrics.jsonl").read_text()
+    # The same command again would have clobbered the run: refused, exit status 2, nothing touched.
+    capsys.readouterr()
+    assert main(tiny_args(tiny_scenes, out, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run" in err and "--resume" in err and "--overwrite" in err and "another --out" in err
+    assert (out / "metrics.jsonl").read_text() == first and not (out / ".lock").exists()
+    # --resume continues it.
+    assert main(tiny_args(tiny_scenes, out, "--epochs", "2", "--resume")) == 0
+    assert load_checkpoint(out / "last.pt")["global_step"] == 8
+    # --overwrite replaces it: the new run's records only; a user's file in the folder stays.
+    (out / "notes.txt").write_text("mine")
+    assert main(tiny_args(tiny_scenes, out, "--epochs", "1", "--overwrite")) == 0
+    assert "--overwrite: removed the earlier run's" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1] and load_checkpoint(out / "last.pt")["global_step"] == 4
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_stale_lock_and_a_partial_checkpoint_are_cleared_by_the_next_run(tiny_scenes, tmp_path, capsys):
+    from tests.training.test_run_dir import leave_stale_lock
+
+    out = tmp_path / "run"
+    dead = leave_stale_lock(out)  # a run killed by kill -9 ...
+    (out / ".last.pt.x8f2k1.tmp").write_bytes(b"PK\x03\x04 half")  # ... while it wrote a checkpoint
+    assert main(tiny_args(tiny_scenes, out, "--epochs", "1")) == 0
+    printed = capsys.readouterr().out
+    assert f"taking over the lock of an earlier training run (pid {dead}" in printed
+    assert ".last.pt.x8f2k1.tmp" in printed and "partly written" in printed
+    assert not list(out.glob("*.tmp")) and not (out / ".lock").exists() and (out / "metrics.json").exists()
+
+
+def test_progress_in_a_log_is_plain_bounded_lines(tmp_path, capfd):
+    # stderr is captured (not a terminal): whole lines, never '\r' redraws, not one per step.
+    import dataclasses
+    import time
+
+    tic = time.monotonic()
+    train(dataclasses.replace(user_config(tmp_path / "run"), batch_size=2), train_dataset=Squares(16, seed=0),
+          val_dataset=Squares(2, seed=1), progress=True)
+    elapsed = time.monotonic() - tic
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert 2 <= len(lines) <= 2 + int(elapsed // 10) + 1, lines  # 16 steps: one line per epoch (+1 per 10 s)
+    for epoch in (1, 2):
+        last = [line for line in lines if line.startswith(f"epoch {epoch}/2: 8/8 step (100%)")]
+        assert len(last) == 1, lines
+        for field in ("step/s", "ETA", "loss=", "lr=", "img_s=", "run_eta="):
+            assert field in last[0], last[0]
+    quiet = tmp_path / "quiet"
+    train(dataclasses.replace(user_config(quiet), batch_size=2, epochs=1), train_dataset=Squares(4, seed=0),
+          val_dataset=Squares(2, seed=1), progress=False)
+    assert "epoch 1/1" not in capfd.readouterr().err

@@ -145,3 +145,32 @@ def test_a_recipe_that_cannot_run_fails_its_trial_not_the_search(scenes, tmp_pat
     records = json.loads((tmp_path / "tune" / "trials.json").read_text())
     assert [r["state"] for r in records] == ["fail"] and "lower --batch-size" in records[0]["error"]
     assert main(args) == 1 and len(load_study(tmp_path / "tune").trials) == 1  # not retried
+
+
+def test_a_running_search_is_refused_a_stale_lock_taken_over_and_overwrite_starts_anew(scenes, tmp_path, capsys):
+    from fcnseg.training.run_dir import FolderLock
+    from tests.training.test_run_dir import leave_stale_lock
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    with FolderLock(out, what="fcnseg tune"):  # a search running in the folder
+        assert main(tune_args(scenes, out, 1)) == 2
+    err = capsys.readouterr().err
+    assert "in use by another fcnseg tune" in err and "Traceback" not in err
+    assert not (out / "study.db").exists()
+
+    dead = leave_stale_lock(out)  # a search killed by kill -9
+    assert main(tune_args(scenes, out, 1)) == 0
+    assert f"taking over the lock of an earlier fcnseg tune (pid {dead}" in capsys.readouterr().out
+    assert not (out / ".lock").exists() and len(load_study(out).trials) == 1
+
+    # Another budget is refused without --overwrite; with it, the old study goes and a new one starts.
+    (out / "notes.txt").write_text("mine")
+    changed = tune_args(scenes, out, 1)
+    changed[changed.index("--iterations-per-trial") + 1] = "3"
+    assert main(changed) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*changed, "--overwrite"]) == 0
+    assert "--overwrite: removed the earlier study's" in capsys.readouterr().out
+    study = load_study(out)
+    assert len(study.trials) == 1 and study.user_attrs["trial_config"]["iterations"] == 3
+    assert (out / "notes.txt").read_text() == "mine" and (out / "trial_000" / "metrics.json").exists()

@@ -1,15 +1,20 @@
 """The `fcnseg` command line: one module per subcommand, each with `add_parser` and `run`.
 
-This package is the only code that reads argv or picks a device; nothing imports it.
+This package is the only code that reads argv or picks a device; nothing imports it. Exit status:
+0 on success, 2 for a usage error (what was typed is wrong), 1 for a failure at run time, 130 on
+Ctrl-C (fcnseg.errors). Errors and warnings are one line each, without tracebacks or source paths.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
+from typing import Iterator, TextIO
 
 from fcnseg import __version__
-from fcnseg.errors import FcnsegError
+from fcnseg.errors import INTERRUPTED_EXIT_STATUS, USAGE_EXIT_STATUS, FcnsegError
 
 # Subcommand modules, in the order `fcnseg --help` lists them. Each defines
 # `add_parser(subparsers) -> None`, which sets `func=run` on its parser; heavy imports
@@ -47,18 +52,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `fcnseg` console script; returns the process exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
-    try:
-        status = args.func(args)
-    except FcnsegError as err:
-        print(f"fcnseg {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fcnseg {args.command}: interrupted", file=sys.stderr)
-        return 130
+    """Entry point of the `fcnseg` console script; returns the process exit status.
+
+    An `FcnsegError` is printed as one line and exits with its `exit_status` (2 for a usage error, 1
+    for a failure at run time); Ctrl-C exits 130; any other exception is a bug and keeps its traceback.
+    """
+    with one_line_warnings():
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0 if args.command is None else USAGE_EXIT_STATUS
+        try:
+            status = args.func(args)
+        except FcnsegError as err:
+            print(f"fcnseg {args.command}: error: {err}", file=sys.stderr)
+            return err.exit_status
+        except KeyboardInterrupt:
+            print(f"fcnseg {args.command}: interrupted", file=sys.stderr)
+            return INTERRUPTED_EXIT_STATUS
     return int(status or 0)
+
+
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    """A warning as ``fcnseg: warning: <message>``: one line, without the source path and line that
+    Python's default format shows (meaningless to someone running a command)."""
+    text = " ".join(str(message).split())
+    return f"fcnseg: warning: {text}\n"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    stream = file if file is not None else sys.stderr
+    with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: as Python's own showwarning does
+        stream.write(format_warning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Shows warnings as `format_warning` does while a command runs, and restores Python's hooks after
+    (so that tests and programs calling `main` keep their own warning handling)."""
+    saved = warnings.showwarning, warnings.formatwarning
+    warnings.showwarning, warnings.formatwarning = _show_warning, format_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning, warnings.formatwarning = saved

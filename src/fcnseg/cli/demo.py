@@ -7,47 +7,63 @@ from __future__ import annotations
 
 import argparse
 
-from fcnseg.cli.options import DefaultsHelpFormatter
+from fcnseg.cli.options import DefaultsHelpFormatter, add_training_flag, positive_int, size
+from fcnseg.errors import OptionError
+from fcnseg.training.config import TrainConfig
+
+MIN_IMAGES = 10  # one batch of 8 training scenes; every 5th scene goes to validation
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="make synthetic data, train, evaluate and predict, in minutes",
                               formatter_class=DefaultsHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs over the synthetic train split")
-    p.add_argument("--images", type=int, default=300, help="synthetic images to draw (80%% train, 20%% val)")
-    p.add_argument("--size", default="128x160", help="synthetic image size HxW")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    add_training_flag(p, "--overwrite", default=False,
+                      help="replace an earlier demo's run in --out instead of refusing to start")
+    p.add_argument("--epochs", type=positive_int, default=12, help="training epochs over the synthetic train split")
+    p.add_argument("--images", type=positive_int, default=300,
+                   help=f"synthetic images to draw, at least {MIN_IMAGES} (80%% train, 20%% val)")
+    p.add_argument("--size", type=size, default="128x160", metavar="HxW",
+                   help="synthetic image size, both sides >= 32 (also the training crop)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes and of training")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_training_flag(p, "--progress", default=True, help="progress bars on stderr")
     p.set_defaults(func=run)
+
+
+def demo_config(args: argparse.Namespace, data_root: str) -> TrainConfig:
+    """The demo's training run, resolved and checked (device, size) before any scene is drawn."""
+    from fcnseg.training.config import resolve_config
+
+    if args.images < MIN_IMAGES:
+        raise OptionError(f"--images must be at least {MIN_IMAGES} (8 training scenes make one batch, every 5th "
+                          f"scene is for validation), got {args.images}")
+    return resolve_config({
+        "dataset": "folder", "root": data_root, "model": "fcn_resnet18", "variant": "8s",
+        "weights_backbone": "none", "crop": args.size, "scale_range": (0.75, 1.25), "hflip": True,
+        "batch_size": 8, "epochs": args.epochs, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4,
+        "schedule": "poly", "warmup_iters": 20, "device": args.device, "seed": args.seed,
+        "out": args.out, "eval_every": 4, "overwrite": args.overwrite,
+    })
 
 
 def run(args: argparse.Namespace) -> int:
     import json
     import time
-    from pathlib import Path
 
+    from fcnseg.cli.options import check_output_folder
     from fcnseg.data.synthetic import make_synthetic
     from fcnseg.inference.segmenter import Segmenter
-    from fcnseg.training.config import parse_size, resolve_config
     from fcnseg.training.trainer import train
     from fcnseg.visualize import save_prediction_grid
 
     started = time.perf_counter()
-    out = Path(args.out)
-    height, width = parse_size(args.size)
-    data_root = make_synthetic(out / "data", num_classes=6, n=args.images, size=(height, width), seed=args.seed,
-                               progress=not args.no_progress)
+    out = check_output_folder(args.out)
+    config = demo_config(args, str(out / "data"))
+    data_root = make_synthetic(out / "data", num_classes=6, n=args.images, size=config.crop, seed=args.seed,
+                               progress=args.progress)
     print(f"synthetic scenes: {data_root}")
-    config = resolve_config({
-        "dataset": "folder", "root": str(data_root), "model": "fcn_resnet18", "variant": "8s",
-        "weights_backbone": "none", "crop": (height, width), "scale_range": (0.75, 1.25), "hflip": True,
-        "batch_size": 8, "epochs": args.epochs, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4,
-        "schedule": "poly", "warmup_iters": 20, "device": args.device, "seed": args.seed,
-        "out": str(out), "eval_every": 4,
-    })
-    result = train(config, progress=not args.no_progress)
+    result = train(config, progress=args.progress)
 
     segmenter = Segmenter.from_checkpoint(result.last_checkpoint, device=args.device)
     from fcnseg.data import build_dataset

@@ -1,44 +1,95 @@
-"""`fcnseg eval`: the FCN paper's metrics of a checkpoint on whole images of a split."""
+"""`fcnseg eval`: the FCN paper's metrics of a checkpoint on whole images of a split.
+
+Everything the command line can get wrong is checked before the metrics are computed (which takes
+minutes on a real split): the checkpoint path, ``--out``, the device, the dataset and its root (taken
+from the checkpoint's training config when not given), the sliding window and stride.
+"""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
-from fcnseg.cli.options import DefaultsHelpFormatter
-from fcnseg.training.config import parse_size
+from fcnseg.cli import options
+from fcnseg.errors import OptionError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint on whole images",
-                              formatter_class=DefaultsHelpFormatter)
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint on whole images", formatter_class=options.DefaultsHelpFormatter,
+        description="Computes pixel accuracy, mean accuracy, mean IoU and frequency-weighted IoU (void pixels "
+                    "excluded) of a checkpoint on a dataset split; writes them as JSON with a confusion-matrix PNG. "
+                    "Without --dataset and --root, the dataset the checkpoint was trained on is used.")
     p.add_argument("checkpoint", help="a checkpoint written by fcnseg train")
-    p.add_argument("--dataset", required=True, choices=("voc2012", "camvid", "folder"), help="dataset kind")
-    p.add_argument("--root", required=True, help="dataset root folder")
-    p.add_argument("--split", default="val", help="split to evaluate (train, val, ... as the dataset defines)")
-    p.add_argument("--mode", choices=("whole", "sliding"), default="whole",
-                   help="whole: one padded pass per image; sliding: overlapping windows, logits averaged")
-    p.add_argument("--window", type=parse_size, help="sliding window HxW (default: the training crop)")
-    p.add_argument("--stride", type=parse_size, help="sliding stride HxW (default: two thirds of the window)")
-    p.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (only equal sizes share one)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="none", help="mixed precision (auto: bf16 only on CPUs with native bf16)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    p.add_argument("--dataset", choices=("voc2012", "camvid", "folder"),
+                   help="dataset kind (default: the one in the checkpoint's training config)")
+    p.add_argument("--root", help="dataset root folder (default: the one in the checkpoint's training config)")
+    options.add_data_options(p, split="val")
+    options.add_window_options(p)
+    p.add_argument("--batch-size", type=options.positive_int, default=4, metavar="N",
+                   help="images per forward pass (only equal sizes share one)")
+    options.add_device_option(p)
+    options.add_amp_option(p)
+    options.add_max_pixels_option(p)
+    options.add_progress_option(p)
     p.add_argument("--out", default="eval.json", help="JSON report; a confusion-matrix PNG is written beside it")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fcnseg.evaluation import evaluate_checkpoint, write_report
+    from fcnseg.inference.windows import check_window
     from fcnseg.metrics import format_metrics_table
+    from fcnseg.models.checkpoint import load_checkpoint
     from fcnseg.runtime import select_device
 
-    report = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, mode=args.mode,
-                                 window=args.window, stride=args.stride, flip=args.flip, batch_size=args.batch_size,
-                                 device=select_device(args.device), amp=args.amp, workers=args.workers,
-                                 max_images=args.max_images)
+    checkpoint_path = options.check_input_file(args.checkpoint, "checkpoint")
+    out = options.check_output_file(args.out)
+    options.check_output_file(out.with_suffix(".confusion.png"), "--out's confusion-matrix PNG")
+    device = select_device(args.device)
+    config = _training_config(load_checkpoint(checkpoint_path))
+    dataset, root = _dataset_and_root(args, config)
+    window = None
+    if args.mode == "sliding":
+        window = args.window or tuple(config.get("crop") or (320, 480))
+        check_window(window, args.stride)
+
+    with options.max_pixels(args.max_pixels):
+        report = evaluate_checkpoint(checkpoint_path, dataset, root, args.split, mode=args.mode, window=window,
+                                     stride=args.stride, flip=args.flip, batch_size=args.batch_size, device=device,
+                                     amp=args.amp, workers=args.workers, max_images=args.max_images,
+                                     progress=args.progress)
     print(f"{report.num_images} images, {args.mode} mode{' + flip' if args.flip else ''}")
     print(format_metrics_table(report.metrics, report.classes))
-    path = write_report(report, args.out)
+    path = write_report(report, out)
     print(f"wrote {path} and {path.with_suffix('.confusion.png')}")
     return 0
+
+
+def _training_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The training config a checkpoint records (dataset, root, crop), or {} for one without."""
+    config = checkpoint.get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def _dataset_and_root(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, Path]:
+    """The dataset kind and root given, or else recorded in the checkpoint's training config (said so).
+
+    The checkpoint's root is only used for its own dataset kind: ``--dataset camvid`` alone does not
+    read a VOC folder recorded at training time.
+
+    Raises:
+        OptionError: neither given nor recorded, or the root is not a folder.
+    """
+    dataset = args.dataset or config.get("dataset")
+    root = args.root
+    if root is None and dataset == config.get("dataset"):
+        root = config.get("root")
+    if not dataset or not root:
+        missing = " and ".join(name for name, value in (("--dataset", dataset), ("--root", root)) if not value)
+        raise OptionError(f"the checkpoint records no dataset to evaluate on; pass {missing}")
+    taken = [name for name, given in (("dataset", args.dataset), ("root", args.root)) if given is None]
+    if taken:
+        print(f"{' and '.join(taken)} from the checkpoint's training config: --dataset {dataset} --root {root}")
+    where = "--root" if args.root is not None else "the checkpoint's dataset root (pass --root)"
+    return dataset, options.check_input_folder(root, where)

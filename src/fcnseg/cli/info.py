@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import argparse
 
+from fcnseg.cli import options
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info", help="list models and check a forward pass on this machine",
+        formatter_class=options.DefaultsHelpFormatter,
         description="List fcnseg's models with their sizes and time a forward pass of each. Also says whether "
                     "this CPU has native bf16 and whether training uses the fused loss's compiled softmax "
                     "kernel (built once on first use; FCNSEG_NATIVE=0 in the environment turns it off).")
-    parser.add_argument("--size", default="320x480", help="input HxW for the forward check (default 320x480)")
+    parser.add_argument("--size", type=options.size, default=(320, 480), metavar="HxW",
+                        help="input size for the forward check (default: 320x480)")
     parser.set_defaults(func=run)
 
 
@@ -24,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from fcnseg.ops.native import native_unavailable_reason
     from fcnseg.runtime import native_cpu_bf16
 
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    h, w = args.size
     print(f"fcnseg {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
     reason = native_unavailable_reason()

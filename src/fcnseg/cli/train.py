@@ -4,17 +4,32 @@ from __future__ import annotations
 import argparse
 import os
 
-from fcnseg.training.config import CHOICES, TrainConfig, parse_size
+from fcnseg.cli.options import (
+    DefaultsHelpFormatter,
+    add_training_flag,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    size,
+)
+from fcnseg.training.config import CHOICES, TrainConfig
 
 _DEFAULTS = TrainConfig()
+_Group = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
-def _bool(text: str) -> bool:
-    if str(text).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(text).lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def _default(name: str) -> str:
+    """"(default: X)" with the default recipe's value of field ``name``, spelt as the option takes it.
+
+    The training options themselves default to None (so that resolve_config can tell what was given),
+    so the help names the effective default here, in the form `DefaultsHelpFormatter` gives others."""
+    value = getattr(_DEFAULTS, name)
+    if name == "crop":
+        value = "x".join(map(str, value))
+    elif isinstance(value, tuple):
+        value = " ".join(map(str, value))
+    return f"(default: {value})"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,9 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train an FCN",
         description="Train an FCN. Option precedence: built-in defaults (the recommended recipe) < --recipe < "
-        "--config FILE < options given here. The resolved config is saved as RUN_DIR/config.yaml; "
-        "checkpoints go to RUN_DIR/last.pt and RUN_DIR/best.pt. Under torchrun the same command trains with DDP.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "--config FILE < options given here. The resolved config is saved as RUN_DIR/config.yaml "
+        "(--print-config shows it without training); checkpoints go to RUN_DIR/last.pt and RUN_DIR/best.pt. "
+        "Under torchrun the same command trains with DDP.",
+        formatter_class=DefaultsHelpFormatter,
     )
     add_config_options(p)
     p.set_defaults(func=run_train)
@@ -32,64 +48,94 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_config_options(p: argparse.ArgumentParser, *, run_dir: bool = True) -> None:
     """Adds the options that make a TrainConfig; `fcnseg tune` reuses them with ``run_dir=False``
-    (it owns --out and --resume)."""
-    d = _DEFAULTS
-    # Every option defaults to None here so that resolve_config can tell what was given; the
-    # help shows the effective default of the default recipe.
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=CHOICES["dataset"], help=f"dataset kind (default {d.dataset})")
+    (it owns --out, --resume and --overwrite). Every option defaults to None here so that
+    resolve_config can tell what was given; the help shows the default recipe's value."""
+    _add_data_options(p.add_argument_group("data"))
+    _add_model_options(p.add_argument_group("model"))
+    _add_optimisation_options(p.add_argument_group("optimisation"))
+    _add_hardware_options(p.add_argument_group("hardware"))
+    _add_run_options(p.add_argument_group("run"), run_dir=run_dir)
+
+
+def _add_data_options(data: _Group) -> None:
+    data.add_argument("--dataset", choices=CHOICES["dataset"], help=f"dataset kind {_default('dataset')}")
     data.add_argument("--root", help="dataset root folder (VOC: the folder holding VOCdevkit/)")
-    data.add_argument("--train-split", help=f"default {d.train_split}")
-    data.add_argument("--val-split", help=f"default {d.val_split}")
-    data.add_argument("--crop", type=parse_size, help="random crop HxW (default 320x480)")
-    data.add_argument("--scale-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="random scale range (default 0.5 2.0)")
-    data.add_argument("--no-scale", dest="scale_range", action="store_const", const="none", help="no random scaling")
-    data.add_argument("--hflip", type=_bool, help=f"random horizontal flip (default {d.hflip})")
-    data.add_argument("--color-jitter", type=float, help=f"colour jitter strength (default {d.color_jitter})")
-    data.add_argument("--drop-small", type=_bool, help="drop images smaller than the crop, as the chapter does (default: pad them)")
-    data.add_argument("--workers", type=int, help=f"DataLoader workers (default {d.workers} on this machine: 0 with 2 cores or fewer, else half "
-                      "the cores, at most 4)")
-    model = p.add_argument_group("model")
-    model.add_argument("--model", help=f"fcn_resnet18, fcn_resnet34, fcn_resnet50, fcn_mobilenet_v2 (default {d.model})")
-    model.add_argument("--variant", choices=CHOICES["variant"], help=f"default {d.variant}")
-    model.add_argument("--upsampler", choices=CHOICES["upsampler"], help=f"default {d.upsampler}")
-    model.add_argument("--weights-backbone", help="DEFAULT (torchvision ImageNet), none, or a state-dict file (default DEFAULT)")
-    model.add_argument("--freeze-backbone", type=_bool, nargs="?", const=True, help="train the head only")
-    model.add_argument("--cache-features", type=int, metavar="V",
+    data.add_argument("--train-split", help=_default("train_split"))
+    data.add_argument("--val-split", help=_default("val_split"))
+    data.add_argument("--crop", type=size, metavar="HxW", help=f"random crop, both sides >= 32 {_default('crop')}")
+    data.add_argument("--scale-range", type=positive_float, nargs=2, metavar=("MIN", "MAX"),
+                      help=f"random scale range {_default('scale_range')}")
+    data.add_argument("--no-scale", dest="scale_range", action="store_const", const="none",
+                      help="no random scaling (the same as scale_range: none in a config file)")
+    add_training_flag(data, "--hflip", help=f"random horizontal flip {_default('hflip')}")
+    data.add_argument("--color-jitter", type=non_negative_float, help=f"colour jitter strength {_default('color_jitter')}")
+    add_training_flag(data, "--drop-small", help="drop images smaller than the crop, as the chapter does "
+                      "(default: False, which pads them)")
+    data.add_argument("--workers", type=non_negative_int, help=f"DataLoader workers (default: {_DEFAULTS.workers} on "
+                      "this machine: 0 with 2 cores or fewer, else half the cores, at most 4)")
+
+
+def _add_model_options(model: _Group) -> None:
+    from fcnseg.models import list_models
+
+    # No argparse `choices` for --model: the registry's names are checked with the other values,
+    # in the same message form whether the name comes from here or from a config file.
+    model.add_argument("--model", help=f"{', '.join(list_models())} {_default('model')}")
+    model.add_argument("--variant", choices=CHOICES["variant"], help=_default("variant"))
+    model.add_argument("--upsampler", choices=CHOICES["upsampler"], help=_default("upsampler"))
+    model.add_argument("--weights-backbone", help=f"DEFAULT (torchvision ImageNet), none, or a state-dict file "
+                       f"{_default('weights_backbone')}")
+    add_training_flag(model, "--freeze-backbone", help=f"train the head only {_default('freeze_backbone')}")
+    model.add_argument("--cache-features", type=non_negative_int, metavar="V",
                        help="with --freeze-backbone: run the body once on V augmented views of each image and train "
-                       "the head on the cached features, epoch e on view e mod V (default 0: off)")
+                       "the head on the cached features, epoch e on view e mod V (default: 0, off)")
     model.add_argument("--feature-cache", metavar="DIR", help="keep the feature cache in memory-mapped files in DIR "
                        "(reused by later runs with the same data, views and backbone) instead of in memory")
-    optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    optim.add_argument("--iterations", type=int, help="optimiser steps; overrides --epochs")
-    optim.add_argument("--batch-size", type=int, help=f"per process (default {d.batch_size})")
-    optim.add_argument("--accumulate", type=int, help="gradient accumulation steps (default 1)")
-    optim.add_argument("--optimizer", choices=CHOICES["optimizer"], help=f"default {d.optimizer}")
-    optim.add_argument("--lr", type=float, help=f"default {d.lr}")
-    optim.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
-    optim.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
-    optim.add_argument("--schedule", choices=CHOICES["schedule"], help=f"default {d.schedule}")
-    optim.add_argument("--warmup-iters", type=int, help="linear warm-up steps (default 0)")
-    optim.add_argument("--loss-reduction", choices=CHOICES["loss_reduction"], help="mean, or d2l (sum of per-image means)")
-    optim.add_argument("--class-weights", choices=CHOICES["class_weights"], help="default none")
-    hw = p.add_argument_group("hardware")
-    hw.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default auto)")
-    hw.add_argument("--amp", choices=CHOICES["amp"], help="mixed precision (default auto: bf16 on capable CPUs, fp16/bf16 on CUDA)")
-    hw.add_argument("--channels-last", type=_bool, help=f"default {d.channels_last}")
-    run = p.add_argument_group("run")
+
+
+def _add_optimisation_options(optim: _Group) -> None:
+    optim.add_argument("--epochs", type=positive_int, help=_default("epochs"))
+    optim.add_argument("--iterations", type=positive_int, help="optimiser steps; overrides --epochs")
+    optim.add_argument("--batch-size", type=positive_int, help=f"per process {_default('batch_size')}")
+    optim.add_argument("--accumulate", type=positive_int, help=f"gradient accumulation steps {_default('accumulate')}")
+    optim.add_argument("--optimizer", choices=CHOICES["optimizer"], help=_default("optimizer"))
+    optim.add_argument("--lr", type=positive_float, help=f"learning rate {_default('lr')}")
+    optim.add_argument("--momentum", type=non_negative_float, help=f"SGD momentum {_default('momentum')}")
+    optim.add_argument("--weight-decay", type=non_negative_float, help=_default("weight_decay"))
+    optim.add_argument("--schedule", choices=CHOICES["schedule"], help=_default("schedule"))
+    optim.add_argument("--warmup-iters", type=non_negative_int, help=f"linear warm-up steps {_default('warmup_iters')}")
+    optim.add_argument("--loss-reduction", choices=CHOICES["loss_reduction"],
+                       help=f"mean, or d2l (sum of per-image means) {_default('loss_reduction')}")
+    optim.add_argument("--class-weights", choices=CHOICES["class_weights"], help=_default("class_weights"))
+
+
+def _add_hardware_options(hw: _Group) -> None:
+    hw.add_argument("--device", help=f"auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps {_default('device')}")
+    hw.add_argument("--amp", choices=CHOICES["amp"],
+                    help=f"mixed precision: bf16 on capable CPUs, fp16/bf16 on CUDA {_default('amp')}")
+    add_training_flag(hw, "--channels-last", help=f"channels-last memory layout {_default('channels_last')}")
+
+
+def _add_run_options(run: _Group, *, run_dir: bool) -> None:
     if run_dir:
-        run.add_argument("--out", help=f"run directory (default {d.out})")
-        run.add_argument("--resume", action="store_const", const=True, help="continue from RUN_DIR/last.pt")
-    run.add_argument("--recipe", choices=CHOICES["recipe"], help="d2l: the chapter's exact setting")
-    run.add_argument("--config", dest="config_file", help="YAML file of option: value defaults")
-    run.add_argument("--checkpoint-every", type=int, help="also write last.pt every N steps (default: each epoch)")
-    run.add_argument("--eval-every", type=int, help="validate every N epochs (default 1)")
-    run.add_argument("--save-every", type=int, help="write last.pt every N epochs (default 1; always at the end)")
-    run.add_argument("--eval-mode", choices=CHOICES["eval_mode"], help="whole images in one pass, or sliding windows")
-    run.add_argument("--max-val-images", type=int, help="validate on the first N images only")
-    run.add_argument("--seed", type=int, help=f"default {d.seed}")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+        run.add_argument("--out", metavar="RUN_DIR", help=f"run directory {_default('out')}")
+        add_training_flag(run, "--resume", help="continue from RUN_DIR/last.pt (default: False)")
+        add_training_flag(run, "--overwrite", help="replace the finished or abandoned run in RUN_DIR instead of "
+                          "refusing to start (default: False)")
+    run.add_argument("--recipe", choices=CHOICES["recipe"], help="d2l: the chapter's exact setting (default: default)")
+    run.add_argument("--config", dest="config_file", metavar="FILE", help="YAML file of option: value defaults")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved configuration as YAML (as RUN_DIR/config.yaml holds it) and exit")
+    run.add_argument("--checkpoint-every", type=non_negative_int, metavar="N",
+                     help="also write last.pt every N steps (default: 0, at the end of each epoch only)")
+    run.add_argument("--eval-every", type=positive_int, metavar="N", help=f"validate every N epochs {_default('eval_every')}")
+    run.add_argument("--save-every", type=positive_int, metavar="N",
+                     help=f"write last.pt every N epochs, always at the end {_default('save_every')}")
+    run.add_argument("--eval-mode", choices=CHOICES["eval_mode"],
+                     help=f"whole images in one pass, or sliding windows {_default('eval_mode')}")
+    run.add_argument("--max-val-images", type=positive_int, metavar="N", help="validate on the first N images only")
+    run.add_argument("--seed", type=int, help=_default("seed"))
+    add_training_flag(run, "--progress", default=True, help="progress bars on stderr")
 
 
 def explicit_options(args: argparse.Namespace) -> dict:
@@ -100,10 +146,23 @@ def explicit_options(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Resolves defaults, --recipe, --config FILE and the options given into a TrainConfig."""
+    """Resolves defaults, --recipe, --config FILE and the options given into a TrainConfig.
+
+    Every value is checked here, before any dataset is read (an unknown --model, --device cuda
+    without CUDA, a crop below 32, a config file's "epochs: two" are usage errors, exit status 2).
+    """
     from fcnseg.training.config import resolve_config
 
-    return resolve_config(explicit_options(args), args.config_file, args.recipe)
+    return resolve_config(explicit_options(args), args.config_file, args.recipe,
+                          require_root=not getattr(args, "print_config", False))
+
+
+def check_paths(config: TrainConfig) -> None:
+    """Refuses, before any work, a --root that is not a folder and a --out that is a file or unwritable."""
+    from fcnseg.cli.options import check_input_folder, check_output_folder
+
+    check_input_folder(config.root, "--root")
+    check_output_folder(config.out, "--out")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -111,8 +170,12 @@ def run_train(args: argparse.Namespace) -> int:
     from fcnseg.training.trainer import train
 
     config = config_from_args(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    check_paths(config)
     keep_freed_memory()  # speed only: large tensors reuse freed memory instead of new pages
-    result = train(config, progress=not args.no_progress)
+    result = train(config, progress=args.progress)
     is_rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     if is_rank0 and result.final_metrics is not None and (result.out_dir / "metrics.json").exists():
         print(f"done in {result.train_seconds:.0f} s: best mIoU {result.best_miou:.4f}; "

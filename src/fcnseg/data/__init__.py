@@ -12,7 +12,7 @@ from fcnseg.data.camvid import CAMVID_CLASSES, CAMVID_COLORS, CamVid
 from fcnseg.data.classes import default_palette, read_class_file
 from fcnseg.data.collate import pad_collate
 from fcnseg.data.folder import FolderDataset
-from fcnseg.data.io import read_image, read_mask
+from fcnseg.data.io import max_image_pixels, read_image, read_mask, set_max_image_pixels
 from fcnseg.data.registry import DATASETS, build_dataset, list_datasets
 from fcnseg.data.synthetic import make_synthetic
 from fcnseg.data.transforms import d2l_transforms, eval_transforms, train_transforms
@@ -22,5 +22,5 @@ __all__ = [
     "DATASETS", "build_dataset", "list_datasets", "SegmentationDataset", "VOCSegmentation", "CamVid", "FolderDataset",
     "VOC_CLASSES", "VOC_COLORMAP", "CAMVID_CLASSES", "CAMVID_COLORS", "IGNORE_INDEX", "pad_collate",
     "train_transforms", "eval_transforms", "d2l_transforms", "make_synthetic", "read_image", "read_mask",
-    "read_class_file", "default_palette",
+    "read_class_file", "default_palette", "max_image_pixels", "set_max_image_pixels",
 ]

@@ -49,7 +49,7 @@ def fetch(urls: Sequence[str], dest: str | os.PathLike, md5: str, *, progress: b
         urls: tried in order (http, https or file).
         dest: final path; the transfer goes to ``dest + ".part"`` and is renamed after the check.
         md5: expected hex digest.
-        progress: show a tqdm bar.
+        progress: show progress (a bar on a terminal, plain lines in a log).
         timeout: seconds to wait for the server on each network operation.
 
     Returns:
@@ -82,7 +82,7 @@ def fetch(urls: Sequence[str], dest: str | os.PathLike, md5: str, *, progress: b
 
 
 def _download(url: str, part: Path, *, progress: bool, timeout: float) -> None:
-    from tqdm.auto import tqdm
+    from fcnseg.progress import progress_bar
 
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "fcnseg"}
@@ -104,7 +104,7 @@ def _download(url: str, part: Path, *, progress: bool, timeout: float) -> None:
             offset = 0  # the server ignored Range (or the URL is a file): the body is the whole file
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
-        with open(part, "ab" if resumed else "wb") as f, tqdm(
+        with open(part, "ab" if resumed else "wb") as f, progress_bar(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5],
             disable=not progress,
         ) as bar:
@@ -157,7 +157,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, progr
     Raises:
         DataError: unreadable archive or an unsafe member.
     """
-    from tqdm.auto import tqdm
+    from fcnseg.progress import progress_bar
 
     archive, target = Path(archive), Path(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, progr
             members = check_members(tar, target)
             scratch = Path(tempfile.mkdtemp(prefix=".extracting-", dir=target))
             try:
-                for member in tqdm(members, desc=f"extracting {archive.name}", unit="file", disable=not progress):
+                for member in progress_bar(members, desc=f"extracting {archive.name}", unit="file", disable=not progress):
                     if hasattr(tarfile, "data_filter"):
                         tar.extract(member, scratch, filter="data")
                     else:  # Python < 3.11.4: rely on check_members alone
@@ -221,7 +221,7 @@ def download_voc2012(
         urls: where to download from; None means `VOC2012_URLS` (read at call time, so tests
             and mirrors can replace it).
         md5: expected checksum; None means `VOC2012_MD5`.
-        progress: show tqdm bars.
+        progress: show progress (bars on a terminal, plain lines in a log).
 
     Returns:
         the ``VOC2012`` folder.

@@ -33,7 +33,8 @@ from the sorted stems (every 5th, starting with the first, goes to val). "all" i
 unless ``all.txt`` exists. Writing train.txt/val.txt keeps the split fixed when files are added.
 
 Problems seen while listing (an image without a mask, a mask without an image, two images with one
-stem) are warnings: those files are skipped and one summary warning names them. Problems only
+stem) are warnings: those files are skipped and one summary warning names them. Broken or looping
+symbolic links in images/ or masks/ are skipped with one warning per folder naming them. Problems only
 seen when reading a file (corrupt, wrong size, bad ids) raise `DataError` naming the file then.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch
 from fcnseg.constants import IMAGE_EXTENSIONS, MASK_EXTENSIONS
 from fcnseg.data.base import PairTransform, SegmentationDataset, filter_small_images
 from fcnseg.data.classes import default_palette, read_class_file
-from fcnseg.data.io import read_mask
+from fcnseg.data.io import folder_entries, read_mask
 from fcnseg.data.splits import read_split_file
 from fcnseg.errors import DataError
 
@@ -56,8 +57,9 @@ _SPLIT_NAMES = ("train", "val", "test", "trainval")
 
 
 def _list_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Files of a folder by stem; broken or looping symbolic links are named in one warning."""
     by_stem: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
+    for path in folder_entries(folder):
         if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in extensions:
             by_stem.setdefault(path.stem, []).append(path)
     return by_stem

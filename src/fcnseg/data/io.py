@@ -13,10 +13,16 @@ a phone photo is segmented upright, and a mask drawn on the upright photo fits i
 reports the same upright size from the header alone. The orientation is taken from the metadata
 before the pixel data (where JPEG, TIFF and WebP keep it, and where PNG's eXIf chunk belongs), so
 the reader and `image_size` always agree. PIL images passed in memory are taken as they are.
+
+Files with more pixels than a cap (`max_image_pixels`, 89.5 megapixels by default) are refused
+from their header, before any pixel is decoded: a PNG of a few hundred bytes can declare 10^10
+pixels. `set_max_image_pixels` raises the cap for this process and the DataLoader workers it
+starts. Broken or looping symbolic links in a folder are skipped with one summary warning.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -25,7 +31,17 @@ import torch
 from PIL import Image, ImageOps
 
 from fcnseg.constants import IGNORE_INDEX, IMAGE_EXTENSIONS
+from fcnseg.data.files import (
+    above_cap_message,
+    folder_entries,
+    max_image_pixels,
+    raise_pillow_limit,
+    set_max_image_pixels,
+)
 from fcnseg.errors import DataError
+
+__all__ = ["ImageLike", "check_same_size", "folder_entries", "image_size", "image_to_tensor", "list_images",
+           "max_image_pixels", "open_image", "read_image", "read_mask", "set_max_image_pixels", "to_rgb_array"]
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 """Anything `to_rgb_array` accepts: a path, a PIL image, an HxWx3 array or a CHW tensor."""
@@ -36,29 +52,57 @@ _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 deg
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside a folder (by extension, case-insensitive), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files directly inside a folder (by extension, case-insensitive), sorted by name.
+
+    Broken or looping symbolic links are left out and named in one warning (`folder_entries`).
+    """
+    return [p for p in folder_entries(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def _open_header(path: Path) -> Image.Image:
+    """``Image.open`` (the header only) with the pixel cap checked before any decoding.
+
+    Raises:
+        DataError: the image is above the cap (also when Pillow's own check refused it first).
+        FileNotFoundError, OSError, SyntaxError, ValueError: as ``Image.open``.
+    """
+    cap = max_image_pixels()
+    raise_pillow_limit(cap)
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as err:  # above twice Pillow's limit: its size is in the message
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise DataError(above_cap_message(path, f"{int(found[1]):,} pixels" if found else "too many pixels", cap)) from None
+    width, height = image.size
+    if cap is not None and width * height > cap:
+        image.close()
+        raise DataError(above_cap_message(path, f"{width}x{height} (WxH) = {width * height:,} pixels", cap))
+    return image
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Opens and fully decodes an image file, upright by its EXIF orientation.
 
-    Decoding here (not lazily) makes truncation show up here and not later.
+    Decoding here (not lazily) makes truncation show up here and not later. The size is checked
+    against `max_image_pixels` from the header, before the pixels are decoded.
 
     Raises:
-        DataError: the file is missing, not an image, truncated or otherwise undecodable.
+        DataError: the file is missing, not an image, truncated or otherwise undecodable, or
+            above the pixel cap.
     """
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not an image file")
     try:
-        image = Image.open(path)
+        image = _open_header(path)
         orientation = _orientation(image)
         image.load()
         if orientation in range(2, 9):
             ImageOps.exif_transpose(image, in_place=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # Pillow signals truncated and corrupt files with OSError or SyntaxError, depending on format.
         raise DataError(f"{path}: cannot decode image ({err.__class__.__name__}: {err}); the file is corrupt or truncated") from None
@@ -72,16 +116,18 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     picture (orientations 5 to 8).
 
     Raises:
-        DataError: the file is missing or not an image.
+        DataError: the file is missing, not an image, or above the pixel cap (`max_image_pixels`).
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _open_header(path) as image:
             width, height = image.size
             orientation = _orientation(image)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
     return (width, height) if orientation in _SWAPS_SIDES else (height, width)
 
@@ -129,8 +175,9 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
             mode with no RGB meaning.
     """
     if isinstance(image, (str, os.PathLike)):
+        decoded = open_image(image)  # its DataError names the file already
         try:
-            return _pil_to_rgb(open_image(image))
+            return _pil_to_rgb(decoded)
         except ValueError as err:
             raise DataError(f"{image}: {err}") from None
     if isinstance(image, Image.Image):

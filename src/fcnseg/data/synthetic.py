@@ -56,7 +56,7 @@ def make_synthetic(
             (with 2 to 4 scenes the last one is val; a single scene is train only).
         size: (height, width) of every scene, at least 16x16.
         seed: scenes are a function of (seed, index) only.
-        progress: show a tqdm bar.
+        progress: show progress (a bar on a terminal, plain lines otherwise).
 
     Returns:
         ``out``.
@@ -64,7 +64,7 @@ def make_synthetic(
     Raises:
         DataError: bad arguments, or ``out`` holds something else.
     """
-    from tqdm.auto import tqdm
+    from fcnseg.progress import progress_bar
 
     out = Path(out)
     height, width = (int(v) for v in size)
@@ -82,7 +82,7 @@ def make_synthetic(
     palette[IGNORE_INDEX] = VOID_COLOR
     digits = max(5, len(str(n - 1)))
     stems = [f"{i:0{digits}d}" for i in range(n)]
-    for i in tqdm(range(n), desc=f"writing {out}", unit="scene", disable=not progress):
+    for i in progress_bar(range(n), desc=f"writing {out}", unit="scene", disable=not progress):
         image, mask = draw_scene(np.random.default_rng([seed, i]), num_classes, height, width)
         Image.fromarray(image, "RGB").save(out / "images" / f"{stems[i]}.png")
         mask_png = Image.fromarray(mask, "P")

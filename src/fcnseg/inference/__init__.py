@@ -4,6 +4,7 @@ from fcnseg.inference.segmenter import Segmenter
 from fcnseg.inference.windows import (
     DEFAULT_WINDOW,
     MODES,
+    check_window,
     count_map,
     default_stride,
     merge_windows,
@@ -13,6 +14,6 @@ from fcnseg.inference.windows import (
 )
 
 __all__ = [
-    "DEFAULT_WINDOW", "MODES", "Segmenter", "count_map", "default_stride", "image_to_tensor", "merge_windows",
+    "DEFAULT_WINDOW", "MODES", "Segmenter", "check_window", "count_map", "default_stride", "image_to_tensor", "merge_windows",
     "predict_sliding", "predict_whole", "window_grid",
 ]

@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from fcnseg.errors import OptionError
 from fcnseg.runtime import autocast_context
 
 Size = tuple[int, int]
@@ -25,6 +26,34 @@ DEFAULT_WINDOW: Size = (320, 480)  # the chapter's training crop
 def default_stride(window: Size) -> Size:
     """Two thirds of the window, rounded up: every pixel away from the edges is seen by 1-4 windows."""
     return (math.ceil(window[0] * 2 / 3), math.ceil(window[1] * 2 / 3))
+
+
+def check_window(window: Size, stride: Size | None = None) -> None:
+    """Refuses a sliding-window geometry that cannot cover an image: before any image is read.
+
+    Args:
+        window: window size ``(h, w)``, both positive.
+        stride: step ``(h, w)``, both positive and at most the window's; None for `default_stride`.
+
+    Raises:
+        OptionError: (a ValueError) a side of zero or less, or a stride larger than the window,
+            which would skip the pixels between windows.
+    """
+    if len(window) != 2 or min(window) < 1:
+        raise OptionError(f"sliding window must be two positive sides (height, width), got {_hxw(window)}")
+    if stride is None:
+        return
+    if len(stride) != 2 or min(stride) < 1:
+        raise OptionError(f"sliding stride must be two positive steps (height, width), got {_hxw(stride)}")
+    if stride[0] > window[0] or stride[1] > window[1]:
+        raise OptionError(f"sliding stride {_hxw(stride)} is larger than the window {_hxw(window)}: the pixels "
+                          "between windows would be skipped; choose a stride at most the window (by default "
+                          "two thirds of it)")
+
+
+def _hxw(size: Sequence[int]) -> str:
+    """A size as the ``--window``/``--stride`` options write it: ``HxW``."""
+    return "x".join(str(v) for v in size)
 
 
 def window_grid(height: int, width: int, window: Size, stride: Size) -> list[Size]:
@@ -42,13 +71,13 @@ def window_grid(height: int, width: int, window: Size, stride: Size) -> list[Siz
 
     Returns:
         Corners; each window spans ``[y, y + min(window_h, height))`` by ``[x, x + min(window_w, width))``.
+
+    Raises:
+        OptionError: a window or stride `check_window` refuses.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    if min(window) < 1 or min(stride) < 1:
-        raise ValueError(f"window and stride must be positive, got window {window}, stride {stride}")
-    if stride[0] > window[0] or stride[1] > window[1]:
-        raise ValueError(f"stride {stride} is larger than window {window}: pixels between windows would be skipped")
+    check_window(window, stride)
     ys = _starts(height, window[0], stride[0])
     xs = _starts(width, window[1], stride[1])
     return [(y, x) for y in ys for x in xs]
@@ -154,9 +183,13 @@ def predict_sliding(
 
     Returns:
         ``(N, C, H, W)`` float32 logits.
+
+    Raises:
+        OptionError: a window or stride `check_window` refuses, or a batch size below 1.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise OptionError(f"batch_size must be positive, got {batch_size}")
+    check_window(window, stride)
     window = (int(window[0]), int(window[1]))
     stride = default_stride(window) if stride is None else (int(stride[0]), int(stride[1]))
     n, _, height, width = image.shape

@@ -8,6 +8,8 @@ normalisation that inference needs, and, for training checkpoints, everything ``
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +89,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle with code, random bytes...
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-            "(truncated, corrupt, or holding objects other than tensors and plain data; it was not loaded)"
-        ) from None
+        raise CheckpointError(_unreadable(path, err)) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an fcnseg checkpoint (no format={FORMAT!r} marker); "
@@ -102,6 +101,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if checkpoint["version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {checkpoint['version']}; this fcnseg reads up to {FORMAT_VERSION}")
     return checkpoint
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """fcnseg's own words for a file ``torch.load(weights_only=True)`` refused.
+
+    torch's message for a refused pickle advises loading it with ``weights_only=False``, which
+    would run whatever code it names: advice fcnseg never repeats. Such a file is described instead
+    (what it holds, that nothing ran); for other failures only torch's first line is kept.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch bolds part of its message with terminal codes
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return (f"cannot read checkpoint {path}: it holds pickled objects other than tensors and plain data "
+                f"(it names {named[1]}), which could run code when loaded; it was not loaded, and nothing in it "
+                "ran. fcnseg's checkpoints hold only tensors and plain data, so this file comes from another "
+                "program or was altered; use checkpoints from sources you trust, or retrain")
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in text:
+        opcode = re.search(r"Unsupported operand (\d+)", text)
+        detail = f" (pickle instruction {opcode[1]} is not accepted)" if opcode else ""
+        return (f"cannot read checkpoint {path}: not a pickle of tensors and plain data that can be read "
+                f"safely{detail}; the file is truncated, corrupt, or written by another program; it was not loaded")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"cannot read checkpoint {path}: {err.__class__.__name__}: {first} (truncated or corrupt; it was not loaded)"
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any] | str | os.PathLike) -> nn.Module:

@@ -308,11 +308,10 @@ def _body_passes(model: FCN, views: Dataset, num_views: int, size: tuple[int, in
                  workers: int, channels_last: bool, progress: bool,
                  ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """Runs the body over every view: ``(view, first image, packed features on the CPU, targets)`` per batch."""
-    from tqdm.auto import tqdm
+    from fcnseg.progress import progress_bar
 
     device = next(model.parameters()).device
-    bar = tqdm(total=num_views * len(views), desc="caching features", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=num_views * len(views), desc="caching features", unit="img", disable=not progress)
     for v in range(num_views):
         loader = DataLoader(_view(views, v), batch_size=batch_size, shuffle=False, num_workers=workers)
         start = 0

@@ -9,6 +9,7 @@ ends with the weights an unbroken run would have.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -26,6 +27,7 @@ from fcnseg.evaluation import evaluate
 from fcnseg.models import build_model
 from fcnseg.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fcnseg.models.layout import to_channels_last
+from fcnseg.progress import format_duration, progress_bar
 from fcnseg.runtime import resolve_amp_dtype, select_device
 from fcnseg.training.callbacks import Callback, CallbackList, EpochEndFunction
 from fcnseg.training.config import TrainConfig
@@ -40,6 +42,7 @@ from fcnseg.training.distributed import (
 from fcnseg.training.loss import median_frequency_weights
 from fcnseg.training.optim import build_optimizer, build_scheduler
 from fcnseg.training.rng import rng_state, seed_everything, set_rng_state
+from fcnseg.training.run_dir import claim_run_folder
 from fcnseg.training.run_log import RunLog
 from fcnseg.training.state import RunState
 from fcnseg.training.step import StepResult, TrainingDiverged, train_step
@@ -92,17 +95,20 @@ def train(
             that already returns transformed pairs.
         callbacks: `Callback` objects whose ``on_step_end`` and ``on_epoch_end`` run on every rank,
             in order. An exception one raises stops the run there, with last.pt resumable.
-        progress: show a progress bar.
+        progress: show progress: tqdm's bar on a terminal, else a plain line every 10 s and per epoch.
         on_epoch_end: a plain ``function(record)`` called after the callbacks' ``on_epoch_end``,
             with the epoch's metrics.jsonl record; `fcnseg tune` prunes trials this way.
 
     Raises:
         FcnsegError: bad data or options, a foreign or truncated checkpoint on resume, or a loss
-            that diverged (the last good checkpoint is kept).
+            that diverged (the last good checkpoint is kept); a `RunFolderError` (a usage error) when
+            ``config.out`` holds a run and neither ``config.resume`` nor ``config.overwrite`` is set,
+            or another run holds its lock.
     """
     callbacks = list(callbacks or [])
     if on_epoch_end is not None:
         callbacks.append(EpochEndFunction(on_epoch_end))
+    config = dataclasses.replace(config).validate()  # a checked copy: the CLI's checks for Python callers too
     device = select_device(config.device)
     ctx = setup_distributed(device.type)
     try:
@@ -134,6 +140,9 @@ class Trainer:
 
     def run(self, **data_sources: Any) -> TrainResult:
         """Set-up, resume, then epochs until the last step; ``data_sources`` go to `build_training_data`."""
+        # First the folder: a run into another run's folder is refused before any work (run_dir.py).
+        claim_run_folder(self.out, resume=self.config.resume, overwrite=self.config.overwrite, ctx=self.ctx,
+                         device=self.device, cleanup=self.cleanup)
         # The order matters for exact resume: seeding, then data, then the model's random init.
         seed_everything(self.config.seed)
         self.data: TrainingData = build_training_data(self.config, **data_sources)
@@ -249,8 +258,6 @@ class Trainer:
 
     def train_epoch(self) -> None:
         """The optimiser steps of one epoch, from ``state.step_in_epoch`` when resuming mid-epoch."""
-        from tqdm.auto import tqdm
-
         config, state = self.config, self.state
         micro_per_step = config.accumulate
         self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size * micro_per_step)
@@ -261,8 +268,9 @@ class Trainer:
                             num_workers=config.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         steps_this_epoch = min(self.steps_per_epoch, self.total_steps - (state.global_step - state.step_in_epoch))
-        bar = tqdm(total=steps_this_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{self.epochs}",
-                   unit="step", disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True)
+        # A bar on a terminal, plain lines (every 10 s and at the epoch's end) in a log file: fcnseg/progress.py.
+        bar = progress_bar(total=steps_this_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{self.epochs}",
+                           unit="step", disable=not (self.progress and self.ctx.is_main))
         self.model.train()
         batches = iter(loader)
         while state.step_in_epoch < steps_this_epoch:
@@ -292,11 +300,12 @@ class Trainer:
         config, state = self.config, self.state
         rate = result.images * self.ctx.world_size / max(time.perf_counter() - tic, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        state.train_seconds = time.perf_counter() - self.started
+        run_eta = (self.total_steps - state.global_step) * state.train_seconds / max(state.global_step, 1)
+        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", run_eta=format_duration(run_eta))
+        bar.update(1)  # after the postfix: a plain line written by this update shows this step's numbers
         if self.log is not None:
             self.log.step(state.global_step, result.loss, lr)
-        state.train_seconds = time.perf_counter() - self.started
         # The end of the epoch writes its own checkpoint (with the epoch's metrics): none here then.
         if config.checkpoint_every and state.global_step % config.checkpoint_every == 0 and not last_in_epoch:
             if self.ctx.is_main:

@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 import yaml
 
-from fcnseg.errors import CheckpointError, DataError, FcnsegError, WeightsError
+from fcnseg.errors import CheckpointError, DataError, UsageError, WeightsError
 from fcnseg.training.config import TrainConfig
+from fcnseg.training.run_dir import RunFolderError, prepare_study_folder
 from fcnseg.training.tuning_study import (
     STUDY_NAME,
     SearchSpace,
     config_params,
-    exclusive_lock,
     finished_lineages,
     interrupted_lineages,
     lineage_root,
@@ -41,11 +41,11 @@ INSTALL_HINT = "pip install 'fcnseg[tune]'"
 
 
 def import_optuna():
-    """Returns the optuna module, or raises a FcnsegError that says how to install it."""
+    """Returns the optuna module, or raises a UsageError (exit status 2) that says how to install it."""
     try:
         import optuna
     except ImportError:
-        raise FcnsegError(f"fcnseg tune needs Optuna, which is not installed: {INSTALL_HINT}") from None
+        raise UsageError(f"fcnseg tune needs Optuna, which is not installed: {INSTALL_HINT}") from None
     return optuna
 
 
@@ -75,6 +75,7 @@ def tune(
     pruning: bool = True,
     startup_trials: int = 5,
     progress: bool = False,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> TuneResult:
     """Runs or continues a search until the study holds ``trials`` finished trials.
@@ -93,12 +94,14 @@ def tune(
         pruning: stop a trial whose per-epoch mIoU is below the median of earlier trials at that epoch
             (Optuna's MedianPruner; not on the first epoch nor before ``startup_trials`` trials finished).
         startup_trials: random trials before TPE starts modelling (and before pruning starts).
-        progress: show each trial's training progress bar.
+        progress: show each trial's training progress (a bar on a terminal, plain lines in a log).
+        overwrite: remove the study in ``out_dir`` (study.db, trial folders' run files, trials.json,
+            best.yaml) and start a new one; without it, a study there is continued.
         log: where progress lines go.
 
     Raises:
-        FcnsegError: Optuna missing, another search running in ``out_dir``, a study there made with
-            other settings, missing data or weights. A trial whose recipe raises another error (a
+        FcnsegError: Optuna missing, another search running in ``out_dir`` (a `RunFolderError`), a
+            study there made with other settings, missing data or weights. A trial whose recipe raises another error (a
             batch larger than the data, out of memory, ...) is recorded as failed and the search goes
             on; a diverged trial scores mIoU 0.
     """
@@ -107,9 +110,8 @@ def tune(
     space.validate()
     trial_base = _trial_base(base, trials, iterations_per_trial, epochs_per_trial)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     study_path = out_dir / "study.db"
-    with exclusive_lock(out_dir / "tune.lock"):
+    with prepare_study_folder(out_dir, overwrite=overwrite, log=log):  # one search per folder, for its whole life
         study = open_study(optuna, study_path, space, trial_base, seed=base.seed, startup_trials=startup_trials,
                            pruning=pruning)
         done = _queue_interrupted(study, optuna, out_dir, log)
@@ -129,16 +131,16 @@ def _trial_base(base: TrainConfig, trials: int, iterations_per_trial: int | None
                 epochs_per_trial: int | None) -> TrainConfig:
     """The settings every trial starts from: ``base`` with the trial budget, never resumed; checked."""
     if trials < 1:
-        raise FcnsegError("--trials must be at least 1")
+        raise UsageError("--trials must be at least 1")
     if iterations_per_trial is not None and epochs_per_trial is not None:
-        raise FcnsegError("give a trial budget in iterations or in epochs, not both")
-    trial_base = dataclasses.replace(base, resume=False)
+        raise UsageError("give a trial budget in iterations or in epochs, not both")
+    trial_base = dataclasses.replace(base, resume=False, overwrite=False)
     if iterations_per_trial is not None:
         trial_base.iterations = iterations_per_trial
     if epochs_per_trial is not None:
         trial_base.epochs, trial_base.iterations = epochs_per_trial, None
     if (trial_base.iterations or trial_base.epochs) < 1:
-        raise FcnsegError("the trial budget must be at least one iteration or epoch")
+        raise UsageError("the trial budget must be at least one iteration or epoch")
     return trial_base
 
 
@@ -209,8 +211,8 @@ class _Objective:
             trial.set_user_attr("train_seconds", round(time.perf_counter() - tic, 1))
             self.log(f"trial {root}: diverged ({err}); scored mIoU 0")
             return 0.0
-        except (DataError, WeightsError, CheckpointError, self.optuna.TrialPruned):
-            raise  # missing data or weights stop the search; pruning is Optuna's business
+        except (DataError, WeightsError, CheckpointError, RunFolderError, self.optuna.TrialPruned):
+            raise  # missing data or weights, or a trial folder in use, stop the search; pruning is Optuna's business
         except Exception as err:
             # This recipe cannot run (a batch larger than the training split, out of memory, a crop
             # too small for the model, ...): the trial fails and the search goes on, never resumed.
@@ -256,10 +258,11 @@ def _train_seconds(run_dir: Path) -> float:
 def write_best_config(base: TrainConfig, params: dict[str, Any], path: str | Path, header: list[str] = ()) -> Path:
     """Writes ``base`` with ``params`` applied as a YAML config for ``fcnseg train --config``.
 
-    The run folder and resume flag are left out, so that ``--out`` decides where the run goes.
+    The run folder, resume and overwrite flags are left out, so that ``--out`` decides where the run
+    goes and a tuned recipe never replaces a run by itself.
     """
     values = dataclasses.replace(base, **params).to_plain_dict()
-    for key in ("out", "resume", "extra"):
+    for key in ("out", "resume", "overwrite", "extra"):
         values.pop(key, None)
     path = Path(path)
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(values, sort_keys=False)

@@ -11,14 +11,13 @@ Optuna is imported by the caller (it is optional); the functions here take its m
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from fcnseg.errors import FcnsegError
+from fcnseg.errors import UsageError
 from fcnseg.training.config import CHOICES, TrainConfig
 
 STUDY_NAME = "fcnseg-tune"
@@ -46,19 +45,19 @@ class SearchSpace:
     schedule: tuple[str, ...] | None = ("poly", "cosine")
 
     def validate(self) -> None:
-        """Raises FcnsegError for an empty or impossible range or choice, before any trial runs."""
+        """Raises UsageError for an empty or impossible range or choice, before any trial runs."""
         for name in ("lr", "weight_decay"):
             bounds = getattr(self, name)
             if bounds is not None and not (len(bounds) == 2 and 0 < bounds[0] < bounds[1]):
-                raise FcnsegError(f"the {name} range must be LOW HIGH with 0 < LOW < HIGH, got {bounds}")
+                raise UsageError(f"the {name} range must be LOW HIGH with 0 < LOW < HIGH, got {bounds}")
         if self.batch_size is not None and (not self.batch_size or min(self.batch_size) < 1):
-            raise FcnsegError(f"batch sizes must be positive, got {self.batch_size}")
+            raise UsageError(f"batch sizes must be positive, got {self.batch_size}")
         if self.crop is not None and (not self.crop or min(min(c) for c in self.crop) < 1):
-            raise FcnsegError(f"crops must be positive HxW sizes, got {self.crop}")
+            raise UsageError(f"crops must be positive HxW sizes, got {self.crop}")
         if self.schedule is not None:
             unknown = [s for s in self.schedule if s not in CHOICES["schedule"]]
             if unknown or not self.schedule:
-                raise FcnsegError(f"schedules must be among {', '.join(CHOICES['schedule'])}, got {self.schedule}")
+                raise UsageError(f"schedules must be among {', '.join(CHOICES['schedule'])}, got {self.schedule}")
 
     def searched(self) -> list[str]:
         """The names of the searched fields, in `SEARCHED` order."""
@@ -98,7 +97,8 @@ def open_study(optuna, study_path: Path, space: SearchSpace, trial_base: TrainCo
                startup_trials: int, pruning: bool):
     """Creates or continues the study in ``study_path``, checked against this search's settings.
 
-    The caller holds the folder's `exclusive_lock`, so trials still marked running were cut short
+    The caller holds the folder's lock (`fcnseg.training.run_dir.prepare_study_folder`), so trials still
+    marked running were cut short
     and are marked failed (`interrupted_lineages` then finds them).
     """
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_path.resolve()}")
@@ -165,8 +165,8 @@ def _check_same_search(study, space: SearchSpace, trial_base: TrainConfig) -> No
             if old.get(name) != value.get(name):
                 differences.append(f"{name}: {old.get(name)!r} before, {value.get(name)!r} now")
     if differences:
-        raise FcnsegError("this study was made with other settings (" + "; ".join(differences[:6]) +
-                          "); use another --out to start a new search")
+        raise UsageError("this study was made with other settings (" + "; ".join(differences[:6]) +
+                          "); replace it with --overwrite, or use another --out to start a new search")
 
 
 def _fail_stale_trials(study, storage, TrialState) -> None:
@@ -230,26 +230,7 @@ def trial_record(trial) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Holds an exclusive lock on ``path`` (POSIX); one search per folder at a time."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; do not run two searches on one folder there
-        yield
-        return
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise FcnsegError(f"another fcnseg tune is running on {path.parent}; wait for it or use another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 __all__ = [
-    "SEARCHED", "STUDY_NAME", "SearchSpace", "config_params", "crop_text", "exclusive_lock", "finished_lineages",
+    "SEARCHED", "STUDY_NAME", "SearchSpace", "config_params", "crop_text", "finished_lineages",
     "interrupted_lineages", "lineage_root", "open_study", "param_text", "parse_crop", "trial_dir_name", "trial_record",
 ]
