@@ -102,3 +102,17 @@ def test_a_checkpoint_with_code_is_refused_without_advice_to_run_it(tmp_path, ca
     assert "weights_only=False" not in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "e.json").exists()
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line_without_the_workers_traceback(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_synthetic(data, num_classes=3, n=12, size=(64, 96), seed=0, progress=False)
+    first = sorted((data / "images").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:100])  # truncated: found by a worker while training
+    status = main(["train", "--root", str(data), "--out", str(tmp_path / "run"), "--weights-backbone", "none",
+                   "--crop", "64x96", "--epochs", "1", "--batch-size", "4", "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert err[-1] == f"fcnseg train: error: {first}: cannot decode image (OSError: image file is truncated); " \
+                      "the file is corrupt or truncated"
+    assert not any("Traceback" in line or "DataLoader worker" in line for line in err)

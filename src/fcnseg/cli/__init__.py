@@ -66,12 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             status = args.func(args)
         except FcnsegError as err:
-            print(f"fcnseg {args.command}: error: {err}", file=sys.stderr)
+            print(f"fcnseg {args.command}: error: {user_message(err)}", file=sys.stderr)
             return err.exit_status
         except KeyboardInterrupt:
             print(f"fcnseg {args.command}: interrupted", file=sys.stderr)
             return INTERRUPTED_EXIT_STATUS
     return int(status or 0)
+
+
+def user_message(err: FcnsegError) -> str:
+    """The error's own message. An error raised in a DataLoader worker comes back from torch with the
+    worker's traceback inside its message ("Caught DataError in DataLoader worker process 0 ...");
+    its last line is the message fcnseg wrote."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
 
 
 def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
