@@ -209,3 +209,53 @@ def test_write_report_writes_json_and_a_confusion_png(tmp_path):
     png = tmp_path / "out" / "report.confusion.png"
     with Image.open(png) as image:
         assert image.format == "PNG" and min(image.size) > 50
+
+
+# -- the border policy of the checkpoint's training run ---------------------------------------------
+
+def _voc_with_border(root):
+    """One 24x32 VOC val pair: row 0 the void border, rows 1-11 background, rows 12-23 class 5."""
+    base = root / "VOCdevkit" / "VOC2012"
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (base / "JPEGImages").mkdir()
+    (base / "SegmentationClass").mkdir()
+    Image.fromarray(np.full((24, 32, 3), 90, dtype=np.uint8)).save(base / "JPEGImages" / "a.jpg")
+    ids = np.zeros((24, 32), dtype=np.uint8)
+    ids[12:] = 5
+    ids[0] = VOID
+    mask = Image.fromarray(ids, "P")
+    mask.putpalette([0] * 768)
+    mask.save(base / "SegmentationClass" / "a.png")
+    for split in ("train", "val", "trainval"):
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("a\n")
+    return root
+
+
+def _background_checkpoint(path, border_as_background: bool | None):
+    """An FCN that predicts background everywhere, saved with a training config reading the border so."""
+    from fcnseg.data.voc import VOC_CLASSES, VOC_COLORMAP
+
+    model = build_model("fcn_resnet18", num_classes=21, weights_backbone=None)
+    with torch.no_grad():
+        model.score32.weight.zero_()
+        model.score32.bias.zero_()
+        model.score32.bias[0] = 10.0  # the bilinear upsampler spreads it with positive weights everywhere
+    config = None if border_as_background is None else {"dataset": "voc2012", "border_as_background": border_as_background}
+    return save_checkpoint(make_checkpoint(model, classes=VOC_CLASSES, colors=VOC_COLORMAP, config=config), path)
+
+
+@pytest.mark.parametrize("trained, expected_acc, said", [
+    (True, 12 / 24, "border read as background, as in training"),  # 32 border + 11 * 32 background of 24 * 32
+    (False, 11 / 23, "border void (ignored), as in training"),  # 11 of the 23 labelled rows
+    (None, 11 / 23, "border void (ignored), as in training"),  # no config: fcnseg's default reading
+])
+def test_evaluate_checkpoint_reads_the_border_as_its_training_run(tmp_path, trained, expected_acc, said):
+    root = _voc_with_border(tmp_path / "voc")
+    checkpoint = _background_checkpoint(tmp_path / "m.pt", trained)
+    report = evaluate_checkpoint(checkpoint, "voc2012", root, "val", device="cpu", amp="none", progress=False)
+    assert report.metrics.pixel_acc == pytest.approx(expected_acc)
+    assert report.border == said and report.as_dict()["border"] == said
+    other = evaluate_checkpoint(checkpoint, "voc2012", root, "val", device="cpu", amp="none", progress=False,
+                                border_as_background=not trained)  # told otherwise: the other figure, said so
+    assert other.metrics.pixel_acc == pytest.approx(11 / 23 if trained else 12 / 24)
+    assert other.border == ("border void (ignored)" if trained else "border read as background")

@@ -188,3 +188,20 @@ def test_parity_failure_raises_and_writes_nothing(tmp_path, monkeypatch):
 def test_dynamo_needs_opset_18(tmp_path):
     with pytest.raises(FcnsegError, match="opset"):
         export_onnx(tiny_fcn("32s"), tmp_path / "m.onnx", opset=17)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_export_keeps_the_final_upsampler_bias(tmp_path, exporter):
+    model = tiny_fcn("8s")
+    biased = FCN(TinyBackbone(), 3, variant="8s", upsampler_bias=True).eval()
+    biased.load_state_dict({**model.state_dict(), "upsample_final.bias": torch.tensor([2.0, -3.0, 1.0])})
+    report = export_onnx(biased, tmp_path / "m.onnx", sizes=SIZES, exporter=exporter)
+    assert report["verified"] and report["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    image = torch.randn(1, 3, 33, 100)
+    (logits,) = session.run(None, {"image": image.numpy()})
+    with torch.no_grad():
+        without = model(image)
+    # the bias, added to every pixel: what separates the exported model from the same one without it
+    np.testing.assert_allclose(logits - without.numpy(), np.broadcast_to(np.array([2.0, -3.0, 1.0]).reshape(1, 3, 1, 1),
+                                                                          logits.shape), atol=1e-4)

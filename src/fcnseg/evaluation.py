@@ -77,14 +77,39 @@ class EvaluationReport:
     mode: str
     flip: bool = False
     seconds: float = 0.0  # wall time of the prediction loop (data loading included, model loading not)
+    border: str | None = None  # how VOC's void border was read (`border_policy`); None for other datasets
 
     def as_dict(self) -> dict[str, Any]:
         result = self.metrics.as_dict(self.classes)
         result.update({"num_images": self.num_images, "val_loss": self.val_loss, "mode": self.mode, "flip": self.flip,
-                       "seconds": round(self.seconds, 2),
+                       "seconds": round(self.seconds, 2), **({"border": self.border} if self.border else {}),
                        "note": "void pixels excluded; classes absent from truth and prediction are null "
                                "and left out of the means"})
         return result
+
+
+BORDER_AS_TRAINED = {True: "border read as background, as in training",
+                     False: "border void (ignored), as in training"}
+BORDER_GIVEN = {True: "border read as background", False: "border void (ignored)"}
+
+
+def border_policy(checkpoint: dict[str, Any], dataset_name: str, given: bool | None) -> tuple[bool, str | None]:
+    """How to read VOC's void border for this checkpoint: as given, else as its training run read it.
+
+    One checkpoint, one number: a run trained (and validated) with ``border_as_background`` (the d2l
+    recipes, as the chapter) is evaluated the same way unless told otherwise.
+
+    Returns:
+        (read the border as background?, the sentence the report carries; None for datasets without
+        a border class).
+    """
+    if dataset_name != "voc2012":
+        return False, None
+    if given is not None:
+        return given, BORDER_GIVEN[given]
+    config = checkpoint.get("config")
+    trained = bool(config.get("border_as_background", False)) if isinstance(config, dict) else False
+    return trained, BORDER_AS_TRAINED[trained]
 
 
 def evaluate_checkpoint(
@@ -103,6 +128,7 @@ def evaluate_checkpoint(
     workers: int = 0,
     max_images: int | None = None,
     progress: bool = True,
+    border_as_background: bool | None = None,
 ) -> EvaluationReport:
     """Whole-image metrics of a checkpoint on a split (void excluded), batched by image size.
 
@@ -114,6 +140,8 @@ def evaluate_checkpoint(
         amp: mixed precision as ``--amp`` (`fcnseg.runtime.resolve_amp_dtype`): "auto" (the
             default, as for `Segmenter`) is bf16 where the hardware computes it natively, else
             float32; "none" for float32 everywhere.
+        border_as_background: VOC's void border read as background (True) or ignored (False); None:
+            as the checkpoint's training run read it (`border_policy`), said in the report's ``border``.
     """
     from fcnseg.data import build_dataset
     from fcnseg.data.transforms import eval_transforms
@@ -122,7 +150,10 @@ def evaluate_checkpoint(
     device = torch.device(device)
     checkpoint = load_checkpoint(checkpoint_path)
     model = inference_form(model_from_checkpoint(checkpoint), copy_model=False).to(device)
-    dataset = build_dataset(dataset_name, root, split, transforms=eval_transforms(mean=tuple(checkpoint["mean"]), std=tuple(checkpoint["std"])))
+    as_background, border = border_policy(checkpoint, dataset_name, border_as_background)
+    options = {"border_as_background": True} if as_background else {}
+    dataset = build_dataset(dataset_name, root, split, transforms=eval_transforms(mean=tuple(checkpoint["mean"]),
+                            std=tuple(checkpoint["std"])), **options)
     if list(dataset.classes) != list(checkpoint["classes"]):
         raise UsageError(
             f"the checkpoint predicts {len(checkpoint['classes'])} classes ({', '.join(checkpoint['classes'][:4])}, ...) "
@@ -144,7 +175,7 @@ def evaluate_checkpoint(
     metrics, matrix, loss = evaluate(model, counted, len(checkpoint["classes"]),
                                      device=device, predict=predict, amp_dtype=resolve_amp_dtype(amp, device))
     return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode,
-                            flip=flip, seconds=time.perf_counter() - started)
+                            flip=flip, seconds=time.perf_counter() - started, border=border)
 
 
 def write_report(report: EvaluationReport, path: str | Path) -> Path:

@@ -167,3 +167,21 @@ def test_max_pixels_sets_the_cap_for_the_command_only(data_and_checkpoint, tmp_p
                  "--max-pixels", "1000"]) == 1  # the 32x48 scenes are above a cap of 1000 pixels
     assert "above the cap of 1,000 pixels" in capsys.readouterr().err
     assert os.environ.get(MAX_IMAGE_PIXELS_ENV) == before
+
+
+def test_eval_applies_the_border_policy_of_training_and_says_so(tmp_path, capsys):
+    # A d2l-recipe checkpoint (border read as background in training): eval reports the number its run did.
+    from tests.test_evaluation import _background_checkpoint, _voc_with_border
+
+    root = _voc_with_border(tmp_path / "voc")
+    checkpoint = _background_checkpoint(tmp_path / "m.pt", True)
+    out = tmp_path / "e.json"
+    common = [str(checkpoint), "--dataset", "voc2012", "--root", str(root), "--device", "cpu", "--amp", "none",
+              "--no-progress"]
+    assert main(["eval", *common, "--out", str(out)]) == 0
+    assert "1 images, whole mode; border read as background, as in training" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["pixel_acc"] == pytest.approx(12 / 24) and report["border"] == "border read as background, as in training"
+    assert main(["eval", *common, "--no-border-as-background", "--out", str(tmp_path / "v.json")]) == 0
+    assert "border void (ignored)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "v.json").read_text())["pixel_acc"] == pytest.approx(11 / 23)

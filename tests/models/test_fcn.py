@@ -123,3 +123,49 @@ def test_mobilenet_taps_have_the_documented_channels():
     c8, c16, c32 = model.backbone(torch.randn(1, 3, 64, 96))
     assert (c8.shape[1], c16.shape[1], c32.shape[1]) == model.backbone.channels == (32, 96, 1280)
     assert c8.shape[-2:] == (8, 12) and c16.shape[-2:] == (4, 6) and c32.shape[-2:] == (2, 3)
+
+
+def test_chapter_parameter_count_with_the_transposed_convolution_bias():
+    # The chapter's ResNet-18 FCN-32s for VOC (its nn.ConvTranspose2d has a bias): 12,993,642.
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert count(fcn_resnet18(variant="32s", num_classes=21, weights_backbone=None, upsampler_bias=True)) == 12_993_642
+    assert count(fcn_resnet18(variant="32s", num_classes=21, weights_backbone=None)) == 12_993_621
+
+
+@pytest.mark.parametrize("name,variant", [("fcn_resnet18", "16s"), ("fcn_resnet18", "8s"), ("fcn_resnet34", "32s"),
+                                          ("fcn_resnet50", "16s"), ("fcn_mobilenet_v2", "8s")])
+def test_upsampler_bias_is_on_the_final_upsampler_only_and_adds_to_every_pixel(name, variant):
+    torch.manual_seed(0)
+    model = build_model(name, variant=variant, num_classes=4, weights_backbone=None, upsampler_bias=True).eval()
+    assert model.model_kwargs["upsampler_bias"] is True
+    biased = [n for n, p in model.named_parameters() if n.startswith("upsample")]
+    assert "upsample_final.bias" in biased and all(n.endswith("weight") for n in biased if n != "upsample_final.bias")
+    image = torch.randn(1, 3, 67, 93)
+    bias = torch.tensor([1.5, -2.0, 0.25, 3.0])
+    with torch.no_grad():
+        model.upsample_final.bias.zero_()
+        without = model(image)
+        model.upsample_final.bias.copy_(bias)
+        with_bias = model(image)
+    assert with_bias.shape == (1, 4, 67, 93)
+    torch.testing.assert_close(with_bias - without, bias.view(1, 4, 1, 1).expand_as(without), rtol=0, atol=1e-5)
+
+
+def test_upsampler_bias_survives_a_checkpoint_and_old_checkpoints_load_without_it():
+    from fcnseg.models.checkpoint import make_checkpoint, model_from_checkpoint
+
+    model = fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None, upsampler_bias=True)
+    with torch.no_grad():
+        model.upsample_final.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    checkpoint = make_checkpoint(model, classes=["a", "b", "c"], colors=[(0, 0, 0)] * 3)
+    assert checkpoint["model_kwargs"]["upsampler_bias"] is True
+    rebuilt = model_from_checkpoint(checkpoint)
+    torch.testing.assert_close(rebuilt.upsample_final.bias, model.upsample_final.bias)
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(image), model.eval()(image))
+
+    old_model = fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None)
+    old = make_checkpoint(old_model, classes=["a", "b", "c"], colors=[(0, 0, 0)] * 3)
+    assert old["model_kwargs"].pop("upsampler_bias") is False  # as checkpoints made before the option
+    assert model_from_checkpoint(old).upsample_final.bias is None

@@ -68,3 +68,18 @@ def test_a_module_that_is_not_an_fcn_is_left_as_it_is():
     body = with_running_statistics(Body())
     assert inference_form(body) is body
     assert isinstance(body.bn1, nn.BatchNorm2d) and isinstance(body.bn2, nn.BatchNorm2d)
+
+
+def test_inference_form_keeps_the_final_upsampler_bias():
+    model = with_running_statistics(build_model("fcn_resnet18", variant="16s", num_classes=3, weights_backbone=None,
+                                                upsampler_bias=True))
+    nn.init.normal_(model.score16.weight, std=0.1)
+    with torch.no_grad():
+        model.upsample_final.bias.copy_(torch.tensor([2.0, -1.0, 0.5]))  # larger than the logits' spread
+    image = torch.randn(1, 3, 67, 93)
+    with torch.no_grad():
+        expected = model(image)
+        fast = inference_form(model)
+        got = fast(image)
+    torch.testing.assert_close(fast.upsample_final.bias, model.upsample_final.bias)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())

@@ -111,3 +111,67 @@ def test_xavier_init_is_not_bilinear():
     up = TransposedConvUpsampler(4, 2, "xavier")
     assert not torch.allclose(up.weight, bilinear_kernel(4, 4, 4))
     assert up.weight.requires_grad
+
+
+def test_upsampler_has_no_bias_by_default():
+    up = TransposedConvUpsampler(3, 8)
+    assert up.bias is None and list(up.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize("stride", [2, 8, 16, 32])
+@pytest.mark.parametrize("init", ["bilinear", "xavier", "fixed"])
+def test_upsampler_with_bias_equals_conv_transpose2d_with_bias(stride, init):
+    torch.manual_seed(stride)
+    up = TransposedConvUpsampler(5, stride, init, bias=True)
+    assert up.bias.shape == (5,) and up.bias.requires_grad  # learned even when the weight is fixed
+    with torch.no_grad():
+        if init != "fixed":
+            up.weight.add_(0.05 * torch.randn_like(up.weight))
+        up.bias.copy_(torch.randn(5))  # larger than its start, so that a missing bias shows
+    # The chapter's layer, as torch defines it.
+    ref = torch.nn.ConvTranspose2d(5, 5, 2 * stride, stride=stride, padding=stride // 2, bias=True)
+    ref.weight.data.copy_(up.weight.data)
+    ref.bias.data.copy_(up.bias.data)
+    x = torch.randn(2, 5, 7, 5, requires_grad=True)  # odd sizes
+    out, expected = up(x), ref(x)
+    assert out.shape == expected.shape == (2, 5, 7 * stride, 5 * stride)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    crop = (..., slice(0, 7 * stride - stride // 2 - 1), slice(0, 5 * stride - 3))  # as FCN.forward crops
+    grad_out = torch.randn_like(expected[crop])
+    learned = [x, up.bias] + ([up.weight] if init != "fixed" else [])
+    ref_learned = [x, ref.bias] + ([ref.weight] if init != "fixed" else [])
+    grads = torch.autograd.grad(up(x)[crop], learned, grad_out)
+    ref_grads = torch.autograd.grad(ref(x)[crop], ref_learned, grad_out)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    with torch.inference_mode():  # the cached matrices of inference, and the bias with them
+        torch.testing.assert_close(up(x.detach()), ref(x.detach()), rtol=1e-5, atol=1e-5)
+
+
+def test_bias_starts_as_torch_starts_conv_transpose2d_bias():
+    # torch's _ConvNd.reset_parameters: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in from the weight.
+    ref = reference_transposed_conv(21, 32, bias=True)
+    fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(ref.weight)
+    bound = 1 / fan_in**0.5
+    torch.manual_seed(3)
+    up = TransposedConvUpsampler(21, 32, bias=True)
+    torch.manual_seed(3)
+    expected = torch.empty(21).uniform_(-bound, bound)  # the bilinear weight draws no random numbers
+    torch.testing.assert_close(up.bias.detach(), expected, rtol=0, atol=0)
+    assert ref.bias.abs().max() <= bound and up.bias.abs().max() > bound / 2
+
+
+def test_upsampler_with_bias_under_native_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
+    up = TransposedConvUpsampler(3, 32, "xavier", bias=True)
+    with torch.no_grad():
+        up.bias.copy_(torch.tensor([2.0, -1.0, 0.5]))
+    x = torch.randn(2, 3, 4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = up(x)
+    assert out.dtype == torch.bfloat16
+    expected = F.conv_transpose2d(x, up.weight.detach(), up.bias.detach(), stride=32, padding=16)
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+    (gb,) = torch.autograd.grad(out.float().sum(), up.bias)
+    assert gb.dtype == torch.float32
+    torch.testing.assert_close(gb, torch.full((3,), 2.0 * 128 * 160))  # d sum / d bias: the pixel count

@@ -11,9 +11,9 @@ from fcnseg.ops import cell_blocks, fused_loss, native
 from fcnseg.ops.fused_loss import upsample_cross_entropy
 
 
-def reference_loss(score, weight, target, stride, class_weights, reduction):
+def reference_loss(score, weight, target, stride, class_weights, reduction, bias=None):
     """nn.ConvTranspose2d's functional form, cropped as FCN.forward crops, then F.cross_entropy."""
-    logits = F.conv_transpose2d(score, weight, stride=stride, padding=stride // 2)
+    logits = F.conv_transpose2d(score, weight, bias, stride=stride, padding=stride // 2)
     logits = logits[..., : target.shape[1], : target.shape[2]]
     if reduction == "mean":
         return F.cross_entropy(logits, target, weight=class_weights, ignore_index=255)
@@ -26,21 +26,25 @@ def reference_loss(score, weight, target, stride, class_weights, reduction):
                                               (32, (2, 2), (50, 64))])
 @pytest.mark.parametrize("reduction", ["mean", "d2l"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_fused_loss_and_gradients_equal_the_unfused_ones(monkeypatch, stride, grid, size, reduction, weighted):
+@pytest.mark.parametrize("biased", [False, True])
+def test_fused_loss_and_gradients_equal_the_unfused_ones(monkeypatch, stride, grid, size, reduction, weighted, biased):
     monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 7)  # several chunks, the last one partial
     torch.manual_seed(0)
     classes = 4
-    up = TransposedConvUpsampler(classes, stride, "xavier")
+    up = TransposedConvUpsampler(classes, stride, "xavier", bias=biased)
+    if biased:  # larger than its start, so that a bias left out (or its gradient) shows
+        up.bias.data.copy_(torch.tensor([1.0, -1.5, 0.5, 2.0]))
     score = torch.randn(2, classes, *grid, dtype=torch.float64).float().requires_grad_()
     target = torch.randint(0, classes, (2, *size))
     target[0, :2] = 255  # void rows
     target[1, :, -1] = 255
     class_weights = torch.rand(classes) + 0.5 if weighted else None
 
+    learned = (score, up.weight) + ((up.bias,) if biased else ())
     loss = upsample_cross_entropy(score, up, target, class_weights=class_weights, reduction=reduction)
-    grads = torch.autograd.grad(loss * 3.0, (score, up.weight))  # the incoming gradient scales both
-    expected = reference_loss(score, up.weight, target, stride, class_weights, reduction)
-    expected_grads = torch.autograd.grad(expected * 3.0, (score, up.weight))
+    grads = torch.autograd.grad(loss * 3.0, learned)  # the incoming gradient scales them all
+    expected = reference_loss(score, up.weight, target, stride, class_weights, reduction, up.bias)
+    expected_grads = torch.autograd.grad(expected * 3.0, learned)
 
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected_grads):
@@ -78,22 +82,26 @@ def use_softmax(monkeypatch, softmax: str) -> None:
 
 @pytest.mark.parametrize("softmax", ["kernel", "eager"])
 @pytest.mark.parametrize("chunks", ["one", "several"])
-def test_fused_loss_under_native_bf16_autocast_stays_close(monkeypatch, chunks, softmax):
+@pytest.mark.parametrize("biased", [False, True])
+def test_fused_loss_under_native_bf16_autocast_stays_close(monkeypatch, chunks, softmax, biased):
     monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
     use_softmax(monkeypatch, softmax)
     if chunks == "several":  # GEMM chunks of 3 rows of 16 pixels, each split into softmax chunks of one row
         monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 16)
         monkeypatch.setattr(fused_loss, "PIXELS_PER_GEMM", 56)
     torch.manual_seed(1)
-    up = TransposedConvUpsampler(5, 8, "xavier")
+    up = TransposedConvUpsampler(5, 8, "xavier", bias=biased)
+    if biased:
+        up.bias.data.copy_(torch.tensor([1.0, -1.5, 0.5, 2.0, -0.5]))
     score = torch.randn(2, 5, 3, 4, requires_grad=True)
     target = torch.randint(0, 5, (2, 24, 30))
     target[0, 3:9] = 255
+    learned = (score, up.weight) + ((up.bias,) if biased else ())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = upsample_cross_entropy(score, up, target)
-    grads = torch.autograd.grad(loss, (score, up.weight))
-    expected = reference_loss(score, up.weight, target, 8, None, "mean")
-    expected_grads = torch.autograd.grad(expected, (score, up.weight))
+    grads = torch.autograd.grad(loss, learned)
+    expected = reference_loss(score, up.weight, target, 8, None, "mean", up.bias)
+    expected_grads = torch.autograd.grad(expected, learned)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
     for got, want in zip(grads, expected_grads):
@@ -110,14 +118,17 @@ def test_fused_loss_refuses_what_it_cannot_compute():
         upsample_cross_entropy(torch.randn(1, 3, 2, 2), TransposedConvUpsampler(3, 4), target, reduction="sum")
 
 
-@pytest.mark.parametrize("variant", ["32s", "8s"])
-def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant):
+@pytest.mark.parametrize("variant,biased", [("32s", False), ("8s", False), ("32s", True), ("8s", True)])
+def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant, biased):
     from fcnseg import fcn_resnet18
     from fcnseg.ops.loss import segmentation_loss
     from fcnseg.training.loss import fcn_cross_entropy
 
     torch.manual_seed(0)
-    model = fcn_resnet18(variant=variant, num_classes=3, weights_backbone=None, upsampler="xavier").eval()
+    model = fcn_resnet18(variant=variant, num_classes=3, weights_backbone=None, upsampler="xavier",
+                         upsampler_bias=biased).eval()
+    if biased:
+        model.upsample_final.bias.data.copy_(torch.tensor([0.5, -1.0, 1.5]))
     if variant == "8s":  # the skip score layers start at zero; make them count
         for layer in (model.score16, model.score8):
             torch.nn.init.normal_(layer.weight, std=0.1)
@@ -145,6 +156,32 @@ def test_chunks_fit_their_buffer_and_are_as_few_as_can_be(rows, row_size, chunk_
     assert -(-rows // per_chunk) == -(-rows // fitting)  # no more chunks than the fewest possible
 
 
+@pytest.mark.parametrize("softmax", ["kernel", "eager"])
+@pytest.mark.parametrize("reduction", ["mean", "d2l"])
+def test_fused_loss_with_bias_and_class_weights_under_native_bf16_autocast(monkeypatch, softmax, reduction):
+    monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
+    monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 16)
+    monkeypatch.setattr(fused_loss, "PIXELS_PER_GEMM", 56)
+    use_softmax(monkeypatch, softmax)
+    torch.manual_seed(4)
+    up = TransposedConvUpsampler(4, 32, "xavier", bias=True)
+    up.bias.data.copy_(torch.tensor([-1.0, 2.0, 0.5, 1.5]))
+    score = torch.randn(2, 4, 2, 3, requires_grad=True)
+    target = torch.randint(0, 4, (2, 50, 77))
+    target[1, 10:30] = 255
+    class_weights = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    learned = (score, up.weight, up.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = upsample_cross_entropy(score, up, target, class_weights=class_weights, reduction=reduction)
+    grads = torch.autograd.grad(loss, learned)
+    expected = reference_loss(score, up.weight, target, 32, class_weights, reduction, up.bias)
+    expected_grads = torch.autograd.grad(expected, learned)
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
+    for got, want in zip(grads, expected_grads):
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    torch.testing.assert_close(grads[2], expected_grads[2], rtol=3e-2, atol=3e-2 * expected_grads[2].abs().max().item())
+
+
 @pytest.mark.parametrize("precision", ["float32", "bf16-eager", "bf16-kernel"])
 def test_fused_loss_is_exact_for_logits_far_from_zero(monkeypatch, precision):
     # Eager: chunks whose exp2 sums leave the safe range are recomputed with the max shift, the
@@ -158,7 +195,8 @@ def test_fused_loss_is_exact_for_logits_far_from_zero(monkeypatch, precision):
         monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
         use_softmax(monkeypatch, precision.split("-")[1])
     torch.manual_seed(2)
-    up = TransposedConvUpsampler(5, 8, "xavier")
+    up = TransposedConvUpsampler(5, 8, "xavier", bias=True)  # the recomputed chunks add it too
+    up.bias.data.copy_(torch.tensor([3.0, -2.0, 1.0, 0.0, -4.0]))
     score = torch.randn(3, 5, 3, 4)
     score[0] *= 80  # logits of several hundred: exp2 overflows float32 unshifted
     score[1] = score[1] * 0.5 - 150  # every class far below zero: exp2 underflows unshifted
@@ -166,9 +204,9 @@ def test_fused_loss_is_exact_for_logits_far_from_zero(monkeypatch, precision):
     target = torch.randint(0, 5, (3, 24, 30))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32"):
         loss = upsample_cross_entropy(score, up, target)
-    grads = torch.autograd.grad(loss, (score, up.weight))
-    expected = reference_loss(score, up.weight, target, 8, None, "mean")
-    expected_grads = torch.autograd.grad(expected, (score, up.weight))
+    grads = torch.autograd.grad(loss, (score, up.weight, up.bias))
+    expected = reference_loss(score, up.weight, target, 8, None, "mean", up.bias)
+    expected_grads = torch.autograd.grad(expected, (score, up.weight, up.bias))
 
     assert (False in verdicts and True in verdicts) if precision != "bf16-kernel" else not verdicts
     assert torch.isfinite(loss)
@@ -203,3 +241,40 @@ def test_to_channels_last_keeps_the_fused_upsampler_kernel_contiguous():
     convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last)
                          and not m.weight.is_contiguous() for m in convs)
+
+
+@pytest.mark.parametrize("variant", ["32s", "16s"])
+def test_cached_head_loss_with_bias_equals_its_forward_and_loss(variant):
+    from fcnseg import fcn_resnet18
+    from fcnseg.ops.loss import segmentation_loss
+    from fcnseg.training.cached_head import CachedFeatureHead, pack_features
+
+    torch.manual_seed(5)
+    model = fcn_resnet18(variant=variant, num_classes=3, weights_backbone=None, upsampler_bias=True).eval()
+    model.upsample_final.bias.data.copy_(torch.tensor([1.0, -0.5, 2.0]))
+    with torch.no_grad():
+        packed = pack_features(model.backbone(torch.randn(2, 3, 64, 96)), variant)
+    head = CachedFeatureHead(model, (61, 90))
+    target = torch.randint(0, 3, (2, 61, 90))
+    params = [model.score32.weight, model.upsample_final.weight, model.upsample_final.bias]
+    fused = head.loss(packed, target, reduction="d2l")
+    plain = segmentation_loss(head(packed), target, reduction="d2l")
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(plain, params)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_to_channels_last_keeps_the_final_upsampler_bias():
+    from fcnseg import fcn_resnet18
+    from fcnseg.models.layout import to_channels_last
+
+    model = fcn_resnet18(variant="32s", num_classes=3, weights_backbone=None, upsampler_bias=True).eval()
+    bias = model.upsample_final.bias
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        expected = model(image)
+        to_channels_last(model)
+        got = model(image)
+    assert model.upsample_final.bias is bias and model.upsample_final.weight.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -25,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="dataset kind (default: the one in the checkpoint's training config)")
     p.add_argument("--root", help="dataset root folder (default: the one in the checkpoint's training config)")
     options.add_data_options(p, split="val")
+    options.add_flag(p, "--border-as-background", help="VOC: read the void border around objects as background "
+                     "(the chapter's reading) or leave it void and ignored (default: as the checkpoint's training run "
+                     "read it, so a checkpoint gets the number its run reported)")
     options.add_window_options(p)
     p.add_argument("--batch-size", type=options.positive_int, default=4, metavar="N",
                    help="images per forward pass (only equal sizes share one)")
@@ -58,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_checkpoint(checkpoint_path, dataset, root, args.split, mode=args.mode, window=window,
                                      stride=args.stride, flip=args.flip, batch_size=args.batch_size, device=device,
                                      amp=args.amp, workers=args.workers, max_images=args.max_images,
-                                     progress=args.progress)
-    print(f"{report.num_images} images, {args.mode} mode{' + flip' if args.flip else ''}")
+                                     progress=args.progress, border_as_background=args.border_as_background)
+    border = f"; {report.border}" if report.border else ""
+    print(f"{report.num_images} images, {args.mode} mode{' + flip' if args.flip else ''}{border}")
     print(format_metrics_table(report.metrics, report.classes))
     path = write_report(report, out)
     print(f"wrote {path} and {path.with_suffix('.confusion.png')}")

@@ -83,6 +83,8 @@ def _add_model_options(model: _Group) -> None:
     model.add_argument("--model", help=f"{', '.join(list_models())} {_default('model')}")
     model.add_argument("--variant", choices=CHOICES["variant"], help=_default("variant"))
     model.add_argument("--upsampler", choices=CHOICES["upsampler"], help=_default("upsampler"))
+    add_training_flag(model, "--upsampler-bias", help="a per-class bias on the last transposed convolution, as the "
+                      f"chapter's nn.ConvTranspose2d (the paper's FCN has none) {_default('upsampler_bias')}")
     model.add_argument("--weights-backbone", help=f"DEFAULT (torchvision ImageNet), none, or a state-dict file "
                        f"{_default('weights_backbone')}")
     add_training_flag(model, "--freeze-backbone", help=f"train the head only {_default('freeze_backbone')}")
@@ -122,7 +124,9 @@ def _add_run_options(run: _Group, *, run_dir: bool) -> None:
         add_training_flag(run, "--resume", help="continue from RUN_DIR/last.pt (default: False)")
         add_training_flag(run, "--overwrite", help="replace the finished or abandoned run in RUN_DIR instead of "
                           "refusing to start (default: False)")
-    run.add_argument("--recipe", choices=CHOICES["recipe"], help="d2l: the chapter's exact setting (default: default)")
+    run.add_argument("--recipe", choices=CHOICES["recipe"],
+                     help="d2l: the chapter's exact setting (PyTorch edition), printing its loss, train acc, test acc "
+                     "and examples/sec; d2l-mxnet, d2l-jax: its other editions (docs/CHAPTER.md) (default: default)")
     run.add_argument("--config", dest="config_file", metavar="FILE", help="YAML file of option: value defaults")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved configuration as YAML (as RUN_DIR/config.yaml holds it) and exit")

@@ -28,6 +28,10 @@ class FCN(nn.Module):
     Inputs of any size are padded (bottom and right, with zeros: the mean colour after ImageNet
     normalisation) to a multiple of 32 so that every stage aligns exactly, and the logits are
     cropped back. Build through `fcn_resnet18` and siblings or `build_model`.
+
+    ``upsampler_bias`` gives the final upsampler (the one that makes the output) a per-class bias,
+    as the chapter's ``nn.ConvTranspose2d`` has; the x2 upsamplers of the skips stay without, as
+    in the paper.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class FCN(nn.Module):
         variant: Variant = "32s",
         upsampler: UpsamplerInit = "bilinear",
         freeze_backbone: bool = False,
+        upsampler_bias: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -51,16 +56,16 @@ class FCN(nn.Module):
         c8, c16, c32 = backbone.channels
         self.score32 = nn.Conv2d(c32, num_classes, kernel_size=1)
         if variant == "32s":
-            self.upsample_final = TransposedConvUpsampler(num_classes, 32, upsampler)
+            self.upsample_final = TransposedConvUpsampler(num_classes, 32, upsampler, bias=upsampler_bias)
         else:
             self.score16 = _zero_conv1x1(c16, num_classes)
             self.upsample32to16 = TransposedConvUpsampler(num_classes, 2, upsampler)
             if variant == "16s":
-                self.upsample_final = TransposedConvUpsampler(num_classes, 16, upsampler)
+                self.upsample_final = TransposedConvUpsampler(num_classes, 16, upsampler, bias=upsampler_bias)
             else:
                 self.score8 = _zero_conv1x1(c8, num_classes)
                 self.upsample16to8 = TransposedConvUpsampler(num_classes, 2, upsampler)
-                self.upsample_final = TransposedConvUpsampler(num_classes, 8, upsampler)
+                self.upsample_final = TransposedConvUpsampler(num_classes, 8, upsampler, bias=upsampler_bias)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -118,15 +123,18 @@ def _fcn(
     weights_backbone: WeightsArg,
     upsampler: UpsamplerInit,
     freeze_backbone: bool,
+    upsampler_bias: bool,
 ) -> FCN:
     backbone = build_backbone(backbone_name, weights_backbone)
-    model = FCN(backbone, num_classes, variant=variant, upsampler=upsampler, freeze_backbone=freeze_backbone)
+    model = FCN(backbone, num_classes, variant=variant, upsampler=upsampler, freeze_backbone=freeze_backbone,
+                upsampler_bias=upsampler_bias)
     model.model_name = f"fcn_{backbone_name}"
     model.model_kwargs = {
         "variant": variant,
         "num_classes": num_classes,
         "upsampler": upsampler,
         "freeze_backbone": freeze_backbone,
+        "upsampler_bias": upsampler_bias,
     }
     return model
 
@@ -138,6 +146,7 @@ def fcn_resnet18(
     weights_backbone: WeightsArg = "DEFAULT",
     upsampler: UpsamplerInit = "bilinear",
     freeze_backbone: bool = False,
+    upsampler_bias: bool = False,
 ) -> FCN:
     """FCN on ResNet-18: the chapter's model (with ``variant="32s"``).
 
@@ -148,9 +157,13 @@ def fcn_resnet18(
             state-dict file, or None for random initialisation.
         upsampler: "bilinear" (learned, bilinear init), "xavier" or "fixed" (bilinear, frozen).
         freeze_backbone: keep the body in eval mode without gradients.
+        upsampler_bias: a per-class bias on the final upsampler, as the chapter's
+            ``nn.ConvTranspose2d`` has (12,993,642 parameters for VOC's 21 classes, against
+            12,993,621 without); the paper's FCN, and the default, have none.
     """
     return _fcn("resnet18", variant=variant, num_classes=num_classes, weights_backbone=weights_backbone,
-                upsampler=upsampler, freeze_backbone=freeze_backbone)
+                upsampler=upsampler, freeze_backbone=freeze_backbone,
+                upsampler_bias=upsampler_bias)
 
 
 def fcn_resnet34(
@@ -160,10 +173,12 @@ def fcn_resnet34(
     weights_backbone: WeightsArg = "DEFAULT",
     upsampler: UpsamplerInit = "bilinear",
     freeze_backbone: bool = False,
+    upsampler_bias: bool = False,
 ) -> FCN:
     """FCN on ResNet-34; arguments as in `fcn_resnet18`."""
     return _fcn("resnet34", variant=variant, num_classes=num_classes, weights_backbone=weights_backbone,
-                upsampler=upsampler, freeze_backbone=freeze_backbone)
+                upsampler=upsampler, freeze_backbone=freeze_backbone,
+                upsampler_bias=upsampler_bias)
 
 
 def fcn_resnet50(
@@ -173,10 +188,12 @@ def fcn_resnet50(
     weights_backbone: WeightsArg = "DEFAULT",
     upsampler: UpsamplerInit = "bilinear",
     freeze_backbone: bool = False,
+    upsampler_bias: bool = False,
 ) -> FCN:
     """FCN on ResNet-50 (2048 channels at stride 32); arguments as in `fcn_resnet18`."""
     return _fcn("resnet50", variant=variant, num_classes=num_classes, weights_backbone=weights_backbone,
-                upsampler=upsampler, freeze_backbone=freeze_backbone)
+                upsampler=upsampler, freeze_backbone=freeze_backbone,
+                upsampler_bias=upsampler_bias)
 
 
 def fcn_mobilenet_v2(
@@ -186,10 +203,12 @@ def fcn_mobilenet_v2(
     weights_backbone: WeightsArg = "DEFAULT",
     upsampler: UpsamplerInit = "bilinear",
     freeze_backbone: bool = False,
+    upsampler_bias: bool = False,
 ) -> FCN:
     """FCN on MobileNetV2 ``features`` (1280 channels at stride 32); arguments as in `fcn_resnet18`."""
     return _fcn("mobilenet_v2", variant=variant, num_classes=num_classes, weights_backbone=weights_backbone,
-                upsampler=upsampler, freeze_backbone=freeze_backbone)
+                upsampler=upsampler, freeze_backbone=freeze_backbone,
+                upsampler_bias=upsampler_bias)
 
 
 # Read-only: the names are what checkpoints store, so code outside this module cannot rebind them.

@@ -6,6 +6,8 @@ every feature map. Together with channels-last memory (oneDNN's preferred layout
 tensor cores' on CUDA) this made fp32 whole-image prediction 1.2-1.3x faster than the model as
 built, at batch 1 and 8 on a 2-core CPU (docs/BENCHMARKS.md, rows ``fp32`` and ``fp32-cl-fold``).
 The result is for inference only: folded weights no longer train as the original model does.
+Only Conv2d/BatchNorm pairs change: the upsamplers, with the final one's bias if it has one, are
+kept as they are.
 """
 from __future__ import annotations
 

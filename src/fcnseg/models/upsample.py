@@ -15,6 +15,7 @@ per-channel separable interpolation and is computed as two small matrix products
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -103,6 +104,7 @@ def subpixel_conv(
     matrix: torch.Tensor,
     stride: int,
     half_cells: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Computes ConvTranspose2d(kernel 2s, stride s, padding s/2) from its rearranged weight.
 
@@ -112,6 +114,8 @@ def subpixel_conv(
         stride: s.
         half_cells: ``half_cell_matrices(matrix, stride)``, if already made (they are used from
             ``HALF_CELL_MIN_STRIDE`` up).
+        bias: ``(C_out,)`` in ``matrix``'s dtype, added to every output pixel (ConvTranspose2d's
+            ``bias``), or None.
 
     Returns:
         ``(N, C_out, H*s, W*s)``, equal to ``F.conv_transpose2d`` up to float rounding, in
@@ -123,7 +127,7 @@ def subpixel_conv(
     s, half = stride, stride // 2
     c_out = matrix.shape[1] // (s * s)
     if s >= HALF_CELL_MIN_STRIDE:
-        return _half_cell_conv(x, half_cells or half_cell_matrices(matrix, s), s, c_out)
+        return _half_cell_conv(x, half_cells or half_cell_matrices(matrix, s), s, c_out, bias)
     # unfold + matmul rather than conv2d: oneDNN handles this shape (tens of thousands of output
     # channels on a tiny map) at a third of GEMM speed.
     columns = F.unfold(x, 2, padding=1)  # (N, C_in*4, (H+1)*(W+1))
@@ -131,21 +135,26 @@ def subpixel_conv(
     # contiguous values, and the shuffle into the channels-last canvas (y, r_y, x, r_x, o) moves
     # runs of s*C_out values (of s values with the NCHW order: 30% slower at batch 8).
     cells = torch.matmul(columns.transpose(1, 2), matrix)  # (N, (H+1)*(W+1), s*s*C_out)
+    if bias is not None:  # in place: the layout stays as it is; columns (r_y, r_x, o) repeat the classes
+        cells.add_(bias.repeat(s * s))
     canvas = cells.view(n, h + 1, w + 1, s, s * c_out).permute(0, 1, 3, 2, 4)
     canvas = canvas.reshape(n, (h + 1) * s, (w + 1) * s, c_out).permute(0, 3, 1, 2)
     return canvas[..., half : half + h * s, half : half + w * s]
 
 
 def _half_cell_conv(x: torch.Tensor, half_cells: tuple[tuple[torch.Tensor, torch.Tensor], ...], stride: int,
-                    c_out: int) -> torch.Tensor:
+                    c_out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     n, c_in, h, w = x.shape
     half = stride // 2
+    # With a bias, each quadrant's GEMM adds it (addmm): columns (r_y, r_x, o) repeat the classes.
+    bias_row = None if bias is None else bias.repeat(half * half)
     columns = F.unfold(x, 2, padding=1).view(n, 4 * c_in, h + 1, w + 1).permute(0, 2, 3, 1)  # cells (y, x)
     out = x.new_empty((n, h, 2, half, w, 2, half, c_out))  # (N, q_y, j_y, r_y, q_x, j_x, r_x, C)
     for jy in (0, 1):
         for jx in (0, 1):
             rows = columns[:, jy:jy + h, jx:jx + w].reshape(-1, 4 * c_in)
-            quadrant = (rows @ half_cells[jy][jx]).view(n, h, w, half, half, c_out)
+            product = rows @ half_cells[jy][jx] if bias_row is None else torch.addmm(bias_row, rows, half_cells[jy][jx])
+            quadrant = product.view(n, h, w, half, half, c_out)
             out[:, :, jy, :, :, jx] = quadrant.permute(0, 1, 3, 2, 4, 5)
     return out.view(n, h * stride, w * stride, c_out).permute(0, 3, 1, 2)
 
@@ -174,7 +183,7 @@ def _interpolation_matrix(size: int, stride: int, kernel_1d: torch.Tensor) -> to
 
 
 class TransposedConvUpsampler(nn.Module):
-    """``nn.ConvTranspose2d(C, C, 2s, stride=s, padding=s/2, bias=False)``, computed fast.
+    """``nn.ConvTranspose2d(C, C, 2s, stride=s, padding=s/2, bias=bias)``, computed fast.
 
     Holds a ``weight`` parameter with the exact shape and meaning of ``nn.ConvTranspose2d.weight``
     (so state dicts and the chapter's initialisation carry over) and computes it with
@@ -185,9 +194,12 @@ class TransposedConvUpsampler(nn.Module):
         stride: upsampling factor s (even).
         init: "bilinear" (learned, bilinear start: the chapter), "xavier" (learned, random start:
             the chapter's exercise 1) or "fixed" (bilinear, not learned: the paper's ablation).
+        bias: a learned per-class ``bias`` of shape ``(C,)`` added to every output pixel, as the
+            chapter's ``nn.ConvTranspose2d`` has (its default); the paper's FCN has none (the
+            default here), and then ``bias`` is None. It is learned even with ``init="fixed"``.
     """
 
-    def __init__(self, channels: int, stride: int, init: UpsamplerInit = "bilinear") -> None:
+    def __init__(self, channels: int, stride: int, init: UpsamplerInit = "bilinear", bias: bool = False) -> None:
         super().__init__()
         if stride < 2 or stride % 2:
             raise ValueError(f"stride must be an even number >= 2, got {stride}")
@@ -202,6 +214,13 @@ class TransposedConvUpsampler(nn.Module):
         if init == "xavier":
             nn.init.xavier_uniform_(weight)
         self.weight = nn.Parameter(weight, requires_grad=init != "fixed")
+        self.register_parameter("bias", None)
+        if bias:
+            # As torch's _ConvNd.reset_parameters initialises nn.ConvTranspose2d's bias (which the
+            # chapter keeps when it overwrites the weight with the bilinear kernel): uniform in
+            # +-1/sqrt(fan_in), fan_in = weight.size(1) * k * k for the (C_in, C_out, k, k) weight.
+            bound = 1 / math.sqrt(weight.size(1) * self.kernel_size * self.kernel_size)
+            self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
         self._separable_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self._matrix_cache: tuple[tuple, tuple] | None = None
 
@@ -210,22 +229,26 @@ class TransposedConvUpsampler(nn.Module):
         return self.init != "fixed"
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, {self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, init={self.init}"
+        return (f"{self.channels}, {self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, init={self.init}, bias={self.bias is not None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.learnable and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             with torch.autocast(x.device.type, enabled=False):
-                return self._separable(x)
+                out = self._separable(x)
+                return out if self.bias is None else out + self.bias.float().view(1, -1, 1, 1)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             # Exporters know ConvTranspose natively; the fast path is a CPU-eager optimisation.
-            return F.conv_transpose2d(x, self.weight.to(x.dtype), stride=self.stride, padding=self.padding)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.conv_transpose2d(x, self.weight.to(x.dtype), bias, stride=self.stride, padding=self.padding)
         # Under autocast the GEMM runs in the autocast dtype only where that dtype is native (CUDA,
         # CPUs with AVX-512 BF16 or AMX: 2.8x faster than fp32 here); emulated bf16 on other CPUs
         # is several times slower than fp32, so there it stays in float32.
         dtype = low_precision_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             matrix, half_cells = self._gemm_matrices(dtype)
-            return subpixel_conv(x.to(dtype), matrix, self.stride, half_cells)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return subpixel_conv(x.to(dtype), matrix, self.stride, half_cells, bias)
 
     def _gemm_matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, tuple | None]:
         """The matrix and, from ``HALF_CELL_MIN_STRIDE`` up, its half-cell split, for `subpixel_conv`."""
@@ -276,9 +299,9 @@ class TransposedConvUpsampler(nn.Module):
             raise ValueError("a 'fixed' upsampler was given weights that are not the bilinear kernel")
 
 
-def reference_transposed_conv(channels: int, stride: int) -> nn.ConvTranspose2d:
-    """The chapter's layer as torch defines it, for tests and benchmarks."""
-    return nn.ConvTranspose2d(channels, channels, kernel_size=2 * stride, stride=stride, padding=stride // 2, bias=False)
+def reference_transposed_conv(channels: int, stride: int, bias: bool = False) -> nn.ConvTranspose2d:
+    """The chapter's layer as torch defines it (with ``bias=True``, exactly the chapter's), for tests and benchmarks."""
+    return nn.ConvTranspose2d(channels, channels, kernel_size=2 * stride, stride=stride, padding=stride // 2, bias=bias)
 
 
 def upsample_flops(channels: int, height: int, width: int, stride: int) -> float:

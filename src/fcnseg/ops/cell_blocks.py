@@ -68,10 +68,12 @@ class CellBlock:
         targets, weights: ``(N, H, W)`` each pixel's class and weight in the loss.
         runs: one `cell_runs` run per axis, ``(y_run, x_run)``.
         stride: the upsampler's stride s.
+        bias_base2: the upsampler's ``(C,)`` bias times log2(e), float32, or None without a bias.
     """
 
     def __init__(self, columns: torch.Tensor, columns_base2: torch.Tensor, kernel: torch.Tensor,
-                 targets: torch.Tensor, weights: torch.Tensor, runs: tuple, stride: int) -> None:
+                 targets: torch.Tensor, weights: torch.Tensor, runs: tuple, stride: int,
+                 bias_base2: torch.Tensor | None = None) -> None:
         (y_first, y_stop, y_lo, y_hi), (x_first, x_stop, x_lo, x_hi) = self.runs = runs
         self.num_classes = c = kernel.shape[0]
         self.pixels = pixels = (y_hi - y_lo) * (x_hi - x_lo)
@@ -84,9 +86,21 @@ class CellBlock:
         for t_y, t_x in TAPS:
             matrix[:, t_y, t_x] = kernel[:, :, 1 - t_y, y_lo:y_hi, 1 - t_x, x_lo:x_hi]  # (i, o, r_y, r_x)
         self.matrix = matrix.view(4 * c, c * pixels)
+        # The bias as a row of the logits (o, r_y, r_x): each class's value once per pixel.
+        self.bias_row = None if bias_base2 is None else bias_base2.to(columns.dtype).repeat_interleave(pixels)
         # contiguous, as the kernel requires: reshape returns a strided view for a few shapes
         self.classes = run_pixels(targets, runs, stride).contiguous()
         self.weights = run_pixels(weights, runs, stride).contiguous()
+
+    def logits_base2(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``start .. stop - 1``'s logits in base 2 into ``out`` ``(rows, C * pixels)``: one GEMM.
+
+        With a bias, the GEMM adds it (addmm); without, the plain product, as fast as before the
+        bias existed.
+        """
+        if self.bias_row is None:
+            return torch.mm(self.columns_base2[start:stop], self.matrix, out=out)
+        return torch.addmm(self.bias_row, self.columns_base2[start:stop], self.matrix, out=out)
 
 
 __all__ = ["TAPS", "CellBlock", "cell_runs", "run_pixels"]

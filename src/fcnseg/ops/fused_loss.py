@@ -59,7 +59,7 @@ def upsample_cross_entropy(
     Args:
         score: ``(N, C, h, w)`` class scores before the last upsampling.
         upsampler: the model's learned final upsampler (stride s, so ``h * s >= H`` and
-            ``w * s >= W``); its weight receives the gradient.
+            ``w * s >= W``); its weight, and its bias if it has one, receive the gradient.
         target: ``(N, H, W)`` int64 class ids, ``ignore_index`` for void.
         class_weights: optional ``(C,)`` per-class weights, as ``F.cross_entropy`` takes them.
         reduction: "mean" over labelled pixels (weighted mean with class weights), or "d2l": the
@@ -83,8 +83,8 @@ def upsample_cross_entropy(
         # gradients of a mean over a million pixels would underflow float16, not bfloat16.
         dtype = torch.float32
     with torch.autocast(score.device.type, enabled=False):
-        return _UpsampleCrossEntropy.apply(score, upsampler.weight, target, upsampler.stride, class_weights,
-                                           reduction, ignore_index, dtype)
+        return _UpsampleCrossEntropy.apply(score, upsampler.weight, upsampler.bias, target, upsampler.stride,
+                                           class_weights, reduction, ignore_index, dtype)
 
 
 def _sums_in_safe_range(sums: torch.Tensor) -> bool:
@@ -237,8 +237,7 @@ class _EagerSoftmax:
                 chunk, fused.logits_buffer[:chunk.numel()] if fused.low_precision else None,
                 (self.targets[start:stop] + self.row_offsets[:k]).view(-1), block.weights[start:stop],
                 self.sums[start:stop], self.target_logits[start:stop], shift_first=fused.shift_first,
-                recompute=functools.partial(torch.mm, block.columns_base2[start:stop], block.matrix,
-                                            out=chunk.view(k, -1)))
+                recompute=functools.partial(block.logits_base2, start, stop, chunk.view(k, -1)))
 
     def loss(self) -> torch.Tensor:
         """The block's loss in bits, float64."""
@@ -249,12 +248,13 @@ class _FusedPass:
     """The forward's state across blocks: buffers reused by every chunk, and the loss and gradients summed."""
 
     def __init__(self, kernel: torch.Tensor, grid: tuple[int, int, int], dtype: torch.dtype,
-                 device: torch.device, softmax_kernel: ModuleType | None) -> None:
+                 device: torch.device, softmax_kernel: ModuleType | None, with_bias: bool = False) -> None:
         (n, h, w), c, s = grid, kernel.shape[0], kernel.shape[3]
         self.n, self.c, self.device, self.softmax_kernel = n, c, device, softmax_kernel
         self.low_precision = low_precision = dtype != torch.float32
         self.loss = torch.zeros((), dtype=torch.float64, device=device)  # in bits
         self.grad_kernel = torch.zeros(kernel.shape, dtype=torch.float32, device=device)
+        self.grad_bias = torch.zeros(c, dtype=torch.float32, device=device) if with_bias else None
         self.grad_columns = torch.zeros((n, h + 1, w + 1, 4 * c), dtype=torch.float32, device=device)
         # Buffers, reused: a fresh 11 MB tensor per operation costs more in page faults than the
         # softmax itself (measured 13 ms against 4 ms per chunk). In low precision the GEMMs run
@@ -300,9 +300,11 @@ class _FusedPass:
             gemm_stop = min(gemm_start + gemm_rows, total_rows)
             rows = block.columns[gemm_start:gemm_stop]
             gemm_logits = self.gemm_buffer[:rows.shape[0] * c * pixels]
-            torch.mm(block.columns_base2[gemm_start:gemm_stop], block.matrix, out=gemm_logits.view(-1, c * pixels))
+            block.logits_base2(gemm_start, gemm_stop, gemm_logits.view(-1, c * pixels))
             softmax(gemm_logits, gemm_start, gemm_stop)
             grad_logits = gemm_logits.view(-1, c * pixels)
+            if self.grad_bias is not None:  # the bias's gradient: d loss / d logits summed over pixels
+                self.grad_bias += grad_logits.view(-1, c, pixels).sum((0, 2), dtype=torch.float32)
             product = rows.t() @ grad_logits if self.low_precision else grad_logits.t() @ rows
             if grad_matrix is None:  # several bf16 products are summed in float32
                 grad_matrix = product if single_gemm or not self.low_precision else product.float()
@@ -335,7 +337,7 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
     """The fused loss for autograd: the gradients are made in forward and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, score, weight, target, stride, class_weights, reduction, ignore_index, dtype):
+    def forward(ctx, score, weight, bias, target, stride, class_weights, reduction, ignore_index, dtype):
         """The loss, block by block over the upsampler's cell runs; keeps the gradients for backward."""
         n, c, h, w = score.shape
         height, width = target.shape[-2:]
@@ -349,22 +351,26 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         softmax_kernel = softmax_grad_kernel() if device.type == "cpu" and dtype == torch.bfloat16 else None
         targets, weights = _pixel_targets(target, class_weights, reduction, ignore_index,
                                           safe_void=softmax_kernel is None or class_weights is not None)
-        fused = _FusedPass(kernel, (n, h, w), dtype, device, softmax_kernel)
+        # A bias adds to the logits before the softmax: in base 2, bias * log2(e).
+        bias_base2 = None if bias is None else bias.detach().float() * _LOG2_E
+        fused = _FusedPass(kernel, (n, h, w), dtype, device, softmax_kernel, with_bias=bias is not None)
         for y_run in cell_runs(h + 1, stride, height):
             for x_run in cell_runs(w + 1, stride, width):
-                fused.add_block(CellBlock(columns, columns_base2, kernel, targets, weights, (y_run, x_run), stride))
-        ctx.save_for_backward(fused.grad_kernel, fused.grad_columns)
-        ctx.geometry = (n, c, h, w, stride, score.dtype, weight.dtype)
+                fused.add_block(CellBlock(columns, columns_base2, kernel, targets, weights, (y_run, x_run), stride,
+                                          bias_base2))
+        ctx.save_for_backward(fused.grad_kernel, fused.grad_columns, fused.grad_bias)  # grad_bias None without a bias
+        ctx.geometry = (n, c, h, w, stride, score.dtype, weight.dtype, None if bias is None else bias.dtype)
         return (fused.loss * math.log(2)).float()
 
     @staticmethod
     def backward(ctx, grad_loss):
         """The saved gradients, scaled by the incoming one (the loss is the last operation)."""
-        grad_kernel, grad_columns = ctx.saved_tensors
-        n, c, h, w, s, score_dtype, weight_dtype = ctx.geometry
+        grad_kernel, grad_columns, grad_bias = ctx.saved_tensors
+        n, c, h, w, s, score_dtype, weight_dtype, bias_dtype = ctx.geometry
         grad_score = F.fold(grad_columns.view(n, -1, 4 * c).transpose(1, 2), (h, w), 2, padding=1)
         grad_weight = grad_kernel.view(c, c, 2 * s, 2 * s)
-        return ((grad_score * grad_loss).to(score_dtype), (grad_weight * grad_loss).to(weight_dtype),
+        grad_bias = None if grad_bias is None else (grad_bias * grad_loss).to(bias_dtype)
+        return ((grad_score * grad_loss).to(score_dtype), (grad_weight * grad_loss).to(weight_dtype), grad_bias,
                 None, None, None, None, None, None)
 
 

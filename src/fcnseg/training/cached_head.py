@@ -82,8 +82,8 @@ class CachedFeatureHead(nn.Module):
         """``segmentation_loss(self(packed), target)``, with the final upsampling and the loss fused.
 
         Once the body is cached, the full-resolution logits are most of a step's memory traffic;
-        `fcnseg.ops.fused_loss.upsample_cross_entropy` never materialises them (a fixed bilinear
-        upsampler, which is cheap, runs unfused).
+        `fcnseg.ops.fused_loss.upsample_cross_entropy` never materialises them, and adds the
+        upsampler's bias when it has one (a fixed bilinear upsampler, which is cheap, runs unfused).
         """
         from fcnseg.ops.fused_loss import upsample_cross_entropy
         from fcnseg.ops.loss import segmentation_loss

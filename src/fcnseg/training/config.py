@@ -22,6 +22,7 @@ from fcnseg.data.registry import DATASETS
 from fcnseg.errors import OptionError
 from fcnseg.models.fcn import VARIANTS
 from fcnseg.models.upsample import UPSAMPLER_CHOICES
+from fcnseg.training.recipes import RECIPES
 
 
 def default_workers() -> int:
@@ -52,6 +53,8 @@ class TrainConfig:
     model: str = "fcn_resnet18"
     variant: str = "8s"
     upsampler: str = "bilinear"
+    upsampler_bias: bool = False  # the chapter's nn.ConvTranspose2d has a bias; the paper's FCN has none
+    score_init: str = "default"  # the 1x1 score convolution: PyTorch's default init, or "xavier" (MXNet)
     weights_backbone: str | None = "DEFAULT"
     freeze_backbone: bool = False
     cache_features: int = 0  # with freeze_backbone: augmented views per image whose body features are cached; 0: off
@@ -60,6 +63,7 @@ class TrainConfig:
     epochs: int = 30
     iterations: int | None = None  # if set, overrides epochs
     batch_size: int = 8
+    global_batch: bool = False  # batch_size is the global batch under torchrun, split across processes
     accumulate: int = 1
     optimizer: str = "sgd"
     # 0.02, poly, wd 1e-4, no warm-up: docs/RESULTS.md (Q4's search, where lr 0.012-0.022 with poly and
@@ -85,6 +89,7 @@ class TrainConfig:
     save_every: int = 1  # epochs; last.pt is always written at the end of the run
     eval_mode: str = "whole"
     max_val_images: int | None = None
+    d2l_metrics: bool = False  # log the chapter's train loss, train and test accuracy (docs/CHAPTER.md)
     recipe: str = "default"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -120,32 +125,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "class_weights": ("none", "median-frequency"),
     "amp": AMP_CHOICES,
     "eval_mode": ("whole", "sliding"),
-    "recipe": ("default", "d2l"),
-}
-
-# The chapter's setting, so users can compare against it.
-RECIPES: dict[str, dict[str, Any]] = {
-    "default": {},
-    "d2l": {
-        "model": "fcn_resnet18",
-        "variant": "32s",
-        "upsampler": "bilinear",
-        "optimizer": "sgd",
-        "lr": 1e-3,
-        "momentum": 0.0,
-        "weight_decay": 1e-3,
-        "batch_size": 32,
-        "epochs": 5,
-        "crop": (320, 480),
-        "scale_range": None,
-        "hflip": False,
-        "schedule": "constant",
-        "loss_reduction": "d2l",
-        "drop_small": True,
-        "border_as_background": True,
-        "amp": "none",
-        "channels_last": False,
-    },
+    "score_init": ("default", "xavier"),
+    "recipe": tuple(RECIPES),
 }
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}

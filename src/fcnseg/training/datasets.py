@@ -113,7 +113,7 @@ def _first(dataset: Dataset, count: int | None) -> Dataset:
 def _default_train_transforms(config: TrainConfig) -> PairTransform:
     from fcnseg.data.transforms import d2l_transforms, train_transforms
 
-    if config.recipe == "d2l":
+    if config.recipe.startswith("d2l"):
         return d2l_transforms(crop_size=tuple(config.crop))
     return train_transforms(
         crop_size=tuple(config.crop),
@@ -121,6 +121,33 @@ def _default_train_transforms(config: TrainConfig) -> PairTransform:
         hflip=config.hflip,
         color_jitter=config.color_jitter,
     )
+
+
+def build_test_crops(config: TrainConfig, val_dataset: Dataset | None = None) -> Dataset:
+    """The chapter's test set: random ``config.crop`` crops of the validation images, those smaller than
+    the crop left out (its ``VOCSegDataset`` on the val split), the border read as in training.
+
+    The crops are seeded by ``config.seed`` and the same every epoch, so test accuracy is repeatable
+    and moves only with the model. ``config.max_val_images`` limits the images kept.
+
+    Args:
+        val_dataset: the user's raw validation pairs; None: the named dataset's ``config.val_split``.
+    """
+    from fcnseg.data import build_dataset
+    from fcnseg.data.transforms import d2l_transforms
+
+    crop = tuple(config.crop)
+    if val_dataset is None:
+        raw = build_dataset(config.dataset, config.root, config.val_split, transforms=None,
+                            drop_smaller_than=crop, **_named_options(config))
+    else:
+        sizes = image_sizes(val_dataset)
+        raw = Subset(val_dataset, [i for i, (h, w) in enumerate(sizes) if h >= crop[0] and w >= crop[1]])
+        raw.dropped = [str(i) for i, (h, w) in enumerate(sizes) if h < crop[0] or w < crop[1]]
+    crops = SeededTransformDataset(_first(raw, config.max_val_images), d2l_transforms(crop_size=crop), config.seed)
+    crops.set_epoch(0)
+    crops.dropped = list(getattr(raw, "dropped", []))
+    return crops
 
 
 def _require_root(config: TrainConfig) -> None:

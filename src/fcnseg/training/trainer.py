@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.data.samplers import ResumableSampler, size_grouped_batches
-from fcnseg.errors import CheckpointError, FcnsegError
+from fcnseg.errors import FcnsegError
 from fcnseg.evaluation import evaluate
 from fcnseg.models import build_model
 from fcnseg.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
@@ -31,6 +31,7 @@ from fcnseg.progress import format_duration, progress_bar
 from fcnseg.runtime import resolve_amp_dtype, select_device
 from fcnseg.training.callbacks import Callback, CallbackList, EpochEndFunction
 from fcnseg.training.config import TrainConfig
+from fcnseg.training.d2l_metrics import ChapterMetrics, init_scores, per_example_loss, per_process_batch
 from fcnseg.training.datasets import PairTransform, TrainingData, build_training_data
 from fcnseg.training.distributed import (
     DistributedContext,
@@ -41,6 +42,7 @@ from fcnseg.training.distributed import (
 )
 from fcnseg.training.loss import median_frequency_weights
 from fcnseg.training.optim import build_optimizer, build_scheduler
+from fcnseg.training.resume import check_resumable
 from fcnseg.training.rng import rng_state, seed_everything, set_rng_state
 from fcnseg.training.run_dir import claim_run_folder
 from fcnseg.training.run_log import RunLog
@@ -151,7 +153,7 @@ class Trainer:
         self.resume()
         if self.ctx.is_main:
             self.log = RunLog(self.out, self.config, self.state.global_step, self.cleanup)
-        self.set_up_validation()
+        self.set_up_validation(data_sources.get("val_dataset"))
         self.started = time.perf_counter() - self.state.train_seconds  # feature caching counts as training
         self.set_up_loss()
         while self.state.global_step < self.total_steps:
@@ -170,8 +172,10 @@ class Trainer:
             num_classes=len(self.data.classes),
             weights_backbone=config.weights_backbone,
             upsampler=config.upsampler,
+            upsampler_bias=config.upsampler_bias,
             freeze_backbone=config.freeze_backbone,
         )
+        init_scores(self.model, config.score_init)
         self.model.to(self.device)
         if config.channels_last:
             to_channels_last(self.model)
@@ -183,13 +187,14 @@ class Trainer:
     def set_up_optimisation(self) -> None:
         """Sampler and run length, optimiser, schedule, fp16 gradient scaler, class weights."""
         config, ctx = self.config, self.ctx
+        self.batch_size = per_process_batch(config, ctx.world_size)  # a recipe's global batch, shared out
         self.sampler = ResumableSampler(len(self.data.train), seed=config.seed, shuffle=True, rank=ctx.rank,
                                         world_size=ctx.world_size)
-        self.steps_per_epoch = len(self.sampler) // (config.batch_size * config.accumulate)
+        self.steps_per_epoch = len(self.sampler) // (self.batch_size * config.accumulate)
         if self.steps_per_epoch == 0:
             raise FcnsegError(
                 f"the training split has {len(self.data.train)} images, fewer than one step of "
-                f"{config.batch_size * config.accumulate * ctx.world_size}; lower --batch-size"
+                f"{self.batch_size * config.accumulate * ctx.world_size}; lower --batch-size"
             )
         self.total_steps = config.iterations or config.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -210,7 +215,7 @@ class Trainer:
                 print(f"--resume: no checkpoint at {self.last_path} yet, starting from scratch")
             return
         checkpoint = load_checkpoint(self.last_path)
-        _check_resumable(checkpoint, self.config, self.data.classes)
+        check_resumable(checkpoint, self.config, self.data.classes)
         self.model.load_state_dict(checkpoint["state_dict"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -223,10 +228,13 @@ class Trainer:
             print(f"resuming {self.last_path}: epoch {self.state.epoch + 1}, "
                   f"step {self.state.global_step}/{self.total_steps}")
 
-    def set_up_validation(self) -> None:
-        """Batches of equal-sized whole images (this rank's share), and whole or sliding prediction."""
-        self.val_batches = size_grouped_batches(self.data.val_image_sizes(), self.config.batch_size, self.ctx.rank,
+    def set_up_validation(self, val_dataset: Dataset | None) -> None:
+        """Batches of equal-sized whole images (this rank's share), whole or sliding prediction, and the
+        chapter's metrics (with ``d2l_metrics``; they print its "read N examples" counts)."""
+        self.val_batches = size_grouped_batches(self.data.val_image_sizes(), self.batch_size, self.ctx.rank,
                                                 self.ctx.world_size)
+        self.chapter = ChapterMetrics.for_run(self.config, self.data.raw_train, val_dataset, device=self.device,
+                                              ctx=self.ctx, amp_dtype=self.amp_dtype, batch_size=self.batch_size)
         self.predict_fn = None
         if self.config.eval_mode == "sliding":
             from fcnseg.inference.windows import predict_sliding
@@ -253,6 +261,9 @@ class Trainer:
             if not ctx.enabled:  # DDP must see the forward call to synchronise gradients: unfused there
                 self.compute_loss = functools.partial(self.train_net.loss, class_weights=self.class_weights,
                                                       reduction=config.loss_reduction)
+        elif config.d2l_metrics:  # the same loss, counting train accuracy on the step's logits
+            self.compute_loss = self.chapter.loss_function(self.model, self.net, fused=not ctx.enabled,
+                                                           class_weights=self.class_weights)
 
     # -- one epoch ---------------------------------------------------------------------------------
 
@@ -260,11 +271,11 @@ class Trainer:
         """The optimiser steps of one epoch, from ``state.step_in_epoch`` when resuming mid-epoch."""
         config, state = self.config, self.state
         micro_per_step = config.accumulate
-        self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * config.batch_size * micro_per_step)
+        self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * self.batch_size * micro_per_step)
         self.train_set.set_epoch(state.epoch)
         # A fresh loader each epoch: its workers copy the dataset's new epoch (and end with the epoch,
         # freeing their memory before validation).
-        loader = DataLoader(self.train_set, batch_size=config.batch_size, sampler=self.sampler, drop_last=True,
+        loader = DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                             num_workers=config.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         steps_this_epoch = min(self.steps_per_epoch, self.total_steps - (state.global_step - state.step_in_epoch))
@@ -272,6 +283,7 @@ class Trainer:
         bar = progress_bar(total=steps_this_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{self.epochs}",
                            unit="step", disable=not (self.progress and self.ctx.is_main))
         self.model.train()
+        self.chapter.start_epoch()
         batches = iter(loader)
         while state.step_in_epoch < steps_this_epoch:
             tic = time.perf_counter()
@@ -287,6 +299,7 @@ class Trainer:
                             class_weights=self.class_weights, loss_reduction=config.loss_reduction,
                             no_sync=self.train_net.no_sync if self.ctx.enabled else None,
                             compute_loss=self.compute_loss)
+        result = per_example_loss(result, config.loss_reduction, config.accumulate)  # logged as the chapter does
         self.scheduler.step()
         state = self.state
         state.step_in_epoch += 1
@@ -324,6 +337,7 @@ class Trainer:
                                   "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(state.train_seconds, 1)}
         last_epoch = state.global_step >= self.total_steps
         if epoch % config.eval_every == 0 or last_epoch:
+            record.update(self.chapter.epoch_record(self.model, state.epoch_images))  # {} without d2l_metrics
             record.update(self.validate(epoch, epoch_loss, last_epoch=last_epoch))
         state.end_epoch(record)
         if self.log is not None:
@@ -376,19 +390,3 @@ class Trainer:
                            best_checkpoint=self.best_path if self.best_path.exists() else None,
                            best_miou=self.state.best_miou, final_metrics=self.final_metrics,
                            history=self.state.history, train_seconds=self.state.train_seconds)
-
-
-def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]) -> None:
-    """Refuses to resume from a checkpoint of another model, dataset or recipe."""
-    for key in ("optimizer", "scheduler", "rng", "epoch", "global_step", "config"):
-        if key not in checkpoint:
-            raise CheckpointError(f"checkpoint has no {key!r}: it is not a training checkpoint and cannot be resumed")
-    saved = checkpoint["config"]
-    for key in ("model", "variant", "upsampler", "batch_size", "accumulate", "optimizer", "seed", "dataset"):
-        if saved.get(key) != getattr(config, key):
-            raise CheckpointError(
-                f"cannot resume: the checkpoint was trained with {key}={saved.get(key)!r}, this run asks for "
-                f"{getattr(config, key)!r} (use another --out to start a new run)"
-            )
-    if list(checkpoint["classes"]) != classes:
-        raise CheckpointError("cannot resume: the checkpoint's classes differ from this dataset's")
