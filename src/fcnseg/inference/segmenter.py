@@ -18,6 +18,7 @@ from torch import nn
 from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.data.io import ImageLike, image_to_tensor
 from fcnseg.errors import OptionError
+from fcnseg.inference.backends import EngineRequest, make_engine
 from fcnseg.inference.windows import DEFAULT_WINDOW, MODES, Mode, Size, check_window, predict_sliding, predict_whole
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.models.inference_form import inference_form
@@ -51,6 +52,10 @@ class Segmenter:
             into the convolutions, channels-last memory: the same logits up to float rounding,
             faster); a copy, so ``model`` itself is left as it is. False, or a model that is not an
             fcnseg FCN, predicts with ``model`` as given.
+        backend: the engine that runs the forward pass (`fcnseg.inference.backends`): "torch"
+            (the default) or an installed optional engine.
+        compile: compile the engine's graph (`torch.compile` for "torch"): slower first calls,
+            faster later ones.
 
     Example:
         >>> segmenter = Segmenter.from_checkpoint("runs/voc/best.pt")
@@ -76,6 +81,8 @@ class Segmenter:
         dtype: torch.dtype | None | EllipsisType = ...,
         ignore_index: int = IGNORE_INDEX,
         optimize: bool = True,
+        backend: str = "torch",
+        compile: bool = False,
     ) -> None:
         if mode not in MODES:
             raise OptionError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -90,6 +97,9 @@ class Segmenter:
         # Resolved here, once: the autocast every prediction of this segmenter runs under.
         self.dtype = amp_dtype if dtype is ... else dtype
         self.model = (inference_form(model) if optimize else model).to(self.device).eval()
+        self.backend = backend
+        # What predictions call: the model itself, or an engine built from it.
+        self.engine = make_engine(backend, EngineRequest(self.model, self.device, self.dtype, compile))
         self.classes = list(classes)
         self.colors = [tuple(int(v) for v in c) for c in colors]
         self.mean = torch.tensor([float(m) for m in mean], device=self.device).view(3, 1, 1)
@@ -114,7 +124,7 @@ class Segmenter:
             checkpoint: a path or an already loaded checkpoint dict.
             device: as in `Segmenter`.
             **options: ``mode``, ``window``, ``stride``, ``flip``, ``batch_size``, ``amp`` ("auto"
-                by default, as in `Segmenter`), ``dtype``, ``optimize``.
+                by default, as in `Segmenter`), ``dtype``, ``optimize``, ``backend``, ``compile``.
 
         Raises:
             CheckpointError: missing, corrupt or foreign checkpoint.
@@ -136,9 +146,9 @@ class Segmenter:
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, C, H, W)`` of a preprocessed batch ``(N, 3, H, W)``, by this segmenter's mode."""
         if self.mode == "sliding":
-            return predict_sliding(self.model, image, window=self.window, stride=self.stride,
+            return predict_sliding(self.engine, image, window=self.window, stride=self.stride,
                                    batch_size=self.batch_size, flip=self.flip, dtype=self.dtype)
-        return predict_whole(self.model, image, flip=self.flip, dtype=self.dtype)
+        return predict_whole(self.engine, image, flip=self.flip, dtype=self.dtype)
 
     @overload
     def predict(self, image: ImageLike) -> np.ndarray: ...

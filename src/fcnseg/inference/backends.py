@@ -1,0 +1,85 @@
+"""Inference engines behind `Segmenter`: who runs the model's forward pass.
+
+An engine is a callable from a normalised batch ``(N, 3, H, W)`` float32 to logits
+``(N, C, H, W)`` of the same height and width, as the PyTorch model is; `fcnseg.inference.windows`
+calls it for whole images and for windows alike, so every engine gets whole-image, sliding-window
+and flip prediction for free. "torch" is the model itself (optionally `torch.compile`d); other
+engines (ONNX Runtime, OpenVINO, JAX) register a factory here from their own modules, which import
+their optional packages only when built.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fcnseg.errors import OptionError
+
+Engine = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What a factory needs to build an engine for one segmenter.
+
+    Attributes:
+        model: the FCN (inference form when the segmenter optimises), in eval mode, on ``device``.
+        device: where the segmenter's tensors live.
+        dtype: the autocast dtype the segmenter predicts with (None for float32); an engine that
+            cannot run it raises `OptionError`.
+        compile: compile the engine's graph where the engine has such a step.
+    """
+
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None
+    compile: bool = False
+
+
+Factory = Callable[[EngineRequest], Engine]
+
+# name -> "module:function" of its factory; imported on first use so that optional engines cost
+# nothing until asked for. Extras name the pip extra that installs what the engine needs.
+_FACTORIES: dict[str, str] = {"torch": "fcnseg.inference.backends:torch_engine"}
+_EXTRAS: dict[str, str] = {}
+
+
+def register_backend(name: str, factory: str, extra: str | None = None) -> None:
+    """Makes ``name`` an engine choice; ``factory`` is ``"module:function"`` taking an `EngineRequest`."""
+    _FACTORIES[name] = factory
+    if extra:
+        _EXTRAS[name] = extra
+
+
+def backend_names() -> list[str]:
+    """The engine choices, "torch" first."""
+    return list(_FACTORIES)
+
+
+def make_engine(name: str, request: EngineRequest) -> Engine:
+    """The engine ``name`` built for ``request``.
+
+    Raises:
+        OptionError: an unknown name, or an engine whose optional package is not installed (the
+            message names the pip extra).
+    """
+    if name not in _FACTORIES:
+        raise OptionError(f"unknown backend {name!r}; choose one of {', '.join(_FACTORIES)}")
+    module_name, function = _FACTORIES[name].split(":")
+    try:
+        factory: Factory = getattr(importlib.import_module(module_name), function)
+        return factory(request)
+    except ModuleNotFoundError as err:
+        extra = _EXTRAS.get(name, name)
+        raise OptionError(f"backend {name!r} needs the package {err.name!r}: "
+                          f"pip install 'fcnseg[{extra}]'") from None
+
+
+def torch_engine(request: EngineRequest) -> Engine:
+    """The model itself; with ``compile``, `torch.compile` of it (shapes may vary between calls)."""
+    if not request.compile:
+        return request.model
+    return torch.compile(request.model, dynamic=None)
