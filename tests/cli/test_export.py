@@ -62,9 +62,9 @@ def test_errors_are_clean(checkpoint, tmp_path, capsys):
     ("{checkpoint}/m.onnx", "fcn16s.pt is a file, not a folder"),
 ])
 def test_a_bad_out_is_refused_before_exporting(out, message, checkpoint, tmp_path, monkeypatch, capsys):
-    import fcnseg.export
+    import fcnseg.export.onnx
 
-    monkeypatch.setattr(fcnseg.export, "export_onnx", lambda *a, **k: pytest.fail("exported before checking --out"))
+    monkeypatch.setattr(fcnseg.export.onnx, "export_onnx", lambda *a, **k: pytest.fail("exported before checking --out"))
     assert main(["export", str(checkpoint), "--out", out.format(tmp=tmp_path, checkpoint=checkpoint)]) == 2
     assert message in capsys.readouterr().err
 

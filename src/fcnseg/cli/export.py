@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fcnseg.export import export_onnx
+    from fcnseg.export.onnx import export_onnx
 
     checkpoint = options.check_input_file(args.checkpoint, "checkpoint")
     if args.exporter == "dynamo" and args.opset < 18:

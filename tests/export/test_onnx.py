@@ -33,7 +33,7 @@ CLASSES = ["background", "road", "sky"]
 COLORS = [(0, 0, 0), (128, 64, 128), (70, 130, 180)]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 SIZES = ((64, 96), (67, 93))
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,9 +175,9 @@ def test_static_export_fixes_the_input_shape(tmp_path):
 
 
 def test_parity_failure_raises_and_writes_nothing(tmp_path, monkeypatch):
-    import fcnseg.export
+    import fcnseg.export.onnx
 
-    monkeypatch.setattr(fcnseg.export, "verify_onnx",
+    monkeypatch.setattr(fcnseg.export.onnx, "verify_onnx",
                         lambda *a, **k: [{"size": (64, 96), "batch": 1, "max_abs_diff": 0.5}])
     with pytest.raises(FcnsegError, match="differs"):
         export_onnx(tiny_fcn("32s"), tmp_path / "m.onnx", sizes=SIZES, exporter="legacy")
