@@ -62,6 +62,10 @@ def _add_data_options(data: _Group) -> None:
     data.add_argument("--root", help="dataset root folder (VOC: the folder holding VOCdevkit/)")
     data.add_argument("--train-split", help=_default("train_split"))
     data.add_argument("--val-split", help=_default("val_split"))
+    data.add_argument("--holdout", type=non_negative_float, metavar="F",
+                      help="validate on a share F of the training split held out from training (runs of "
+                      "consecutive images), not on --val-split: to choose recipes without looking at the split "
+                      "you report (default: 0, off)")
     data.add_argument("--crop", type=size, metavar="HxW", help=f"random crop, both sides >= 32 {_default('crop')}")
     data.add_argument("--scale-range", type=positive_float, nargs=2, metavar=("MIN", "MAX"),
                       help=f"random scale range {_default('scale_range')}")

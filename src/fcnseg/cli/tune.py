@@ -22,7 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="search training hyper-parameters with Optuna",
         description="Search the learning rate, weight decay, batch size, crop size and schedule with Optuna's "
         "TPE sampler (seeded by --seed). Each trial is a training run into OUT/trial_NNN scored by its final "
-        "val mIoU; the study is stored in OUT/study.db, so running the same command again continues it (an "
+        "val mIoU (with --holdout F: mIoU on a share F of the training split held out from training, so that the "
+        "split you report never chooses the recipe; best.yaml then trains on all of it); the study is stored in OUT/study.db, so running the same command again continues it (an "
         "interrupted trial resumes from its last.pt). The best recipe is written to OUT/best.yaml, for "
         "`fcnseg train --config OUT/best.yaml`, and every trial to OUT/trials.json. The training options "
         "below set what every trial shares; a searched option given here (e.g. --lr 0.01) is fixed instead "
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no trial of {result.study_path} completed; nothing written to best.yaml")
         return 1
     params = ", ".join(f"{k}={'x'.join(map(str, v)) if k == 'crop' else v}" for k, v in result.best_params.items())
-    print(f"best: trial {result.best_number}, val mIoU {result.best_miou:.4f} ({params})")
+    scored_on = f"holdout ({base.holdout:g} of {base.train_split})" if base.holdout else "val"
+    print(f"best: trial {result.best_number}, {scored_on} mIoU {result.best_miou:.4f} ({params})")
     print(f"wrote {result.best_yaml} and {result.out_dir / 'trials.json'}; "
           f"train it with: fcnseg train --config {result.best_yaml} --out runs/best")
     return 0

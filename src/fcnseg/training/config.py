@@ -42,6 +42,7 @@ class TrainConfig:
     root: str = ""
     train_split: str = "train"
     val_split: str = "val"
+    holdout: float = 0.0  # validate on this share of train_split, held out from training, instead of val_split
     crop: tuple[int, int] = (320, 480)
     scale_range: tuple[float, float] | None = (0.5, 2.0)
     hflip: bool = True
@@ -294,6 +295,9 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     """Converts every field of ``config`` to its type in place and refuses values out of range."""
     for name, value in coerce_values({f.name: getattr(config, f.name) for f in dataclasses.fields(config)}).items():
         setattr(config, name, value)
+    if not 0 <= config.holdout < 1:
+        raise OptionError(f"holdout must be a fraction of the training split, 0 <= F < 1 (0: validate on "
+                          f"{config.val_split!r}), got {config.holdout}")
     if config.cache_features and not config.freeze_backbone:
         raise OptionError("--cache-features V needs --freeze-backbone: only a frozen body's features can be cached")
     return config

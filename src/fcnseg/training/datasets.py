@@ -30,6 +30,8 @@ class TrainingData:
         classes: the class names; label i is ``classes[i]``.
         colors: one RGB colour per class, saved in checkpoints for palette PNGs.
         val_size_source: a dataset whose images have the sizes of ``val``'s (the cheapest to read).
+        raw_val: the validation pairs before any transform when they are not the named dataset's
+            validation split (the user's, or the holdout of ``config.holdout``); None otherwise.
     """
 
     raw_train: Dataset
@@ -38,6 +40,7 @@ class TrainingData:
     classes: list[str]
     colors: list[list[int]]
     val_size_source: Dataset
+    raw_val: Dataset | None = None
 
     def val_image_sizes(self) -> list[tuple[int, int]]:
         """(H, W) of every validation image, to batch equal sizes together."""
@@ -54,7 +57,8 @@ def build_training_data(config: TrainConfig, *, train_dataset: Dataset | None = 
             root, splits, ``drop_small`` and ``border_as_background`` for named datasets).
         train_dataset: raw ``(image uint8 (3, H, W), target int64 (H, W))`` pairs with ``classes``
             (and optionally ``colors``); None: the named dataset's training split.
-        val_dataset: raw pairs for validation; None: the named dataset's validation split.
+        val_dataset: raw pairs for validation; None: the named dataset's validation split (with
+            ``config.holdout``, the held-out part of the training pairs instead).
         train_transforms: paired ``transforms(image, target)`` for training; None: the config's
             augmentation (`fcnseg.data.train_transforms`, or the d2l recipe's crop).
         val_transforms: paired transforms for validation; None: `fcnseg.data.eval_transforms`.
@@ -67,6 +71,8 @@ def build_training_data(config: TrainConfig, *, train_dataset: Dataset | None = 
 
     raw_train = train_dataset if train_dataset is not None else _named_train(config)
     classes, colors = _classes_and_colors(raw_train)
+    if config.holdout:
+        raw_train, val_dataset = held_out_pairs(raw_train, config.holdout)
     train = SeededTransformDataset(raw_train, train_transforms or _default_train_transforms(config), config.seed)
     if val_dataset is None:
         val = size_source = _named_val(config, val_transforms or eval_transforms())
@@ -76,7 +82,21 @@ def build_training_data(config: TrainConfig, *, train_dataset: Dataset | None = 
         # Eval transforms keep each image's size: read the sizes from the raw pairs (or their files).
         val = SeededTransformDataset(raw_val, val_transforms or eval_transforms(), config.seed)
         size_source = raw_val if val_transforms is None else val
-    return TrainingData(raw_train, train, val, classes, colors, size_source)
+    return TrainingData(raw_train, train, val, classes, colors, size_source, val_dataset)
+
+
+def held_out_pairs(pairs: Dataset, fraction: float) -> tuple[Subset, Subset]:
+    """``(kept, held_out)`` views of ``pairs`` (`fcnseg.data.splits.holdout_split`), both carrying its
+    ``classes`` and ``colors``: the training pairs of a run that validates on a holdout, and that holdout."""
+    from fcnseg.data.splits import holdout_split
+
+    kept, held = holdout_split(len(pairs), fraction)
+    parts = (Subset(pairs, kept), Subset(pairs, held))
+    for part in parts:
+        for name in ("classes", "colors"):
+            if getattr(pairs, name, None) is not None:
+                setattr(part, name, getattr(pairs, name))
+    return parts
 
 
 def _named_options(config: TrainConfig) -> dict[str, Any]:

@@ -153,7 +153,7 @@ class Trainer:
         self.resume()
         if self.ctx.is_main:
             self.log = RunLog(self.out, self.config, self.state.global_step, self.cleanup)
-        self.set_up_validation(data_sources.get("val_dataset"))
+        self.set_up_validation(self.data.raw_val)
         self.started = time.perf_counter() - self.state.train_seconds  # feature caching counts as training
         self.set_up_loss()
         while self.state.global_step < self.total_steps:
@@ -231,6 +231,9 @@ class Trainer:
     def set_up_validation(self, val_dataset: Dataset | None) -> None:
         """Batches of equal-sized whole images (this rank's share), whole or sliding prediction, and the
         chapter's metrics (with ``d2l_metrics``; they print its "read N examples" counts)."""
+        if self.config.holdout and self.ctx.is_main:
+            print(f"validating on {len(self.data.val)} images held out of the training split "
+                  f"({self.config.holdout:g}), not on {self.config.val_split!r}; training on {len(self.data.raw_train)}")
         self.val_batches = size_grouped_batches(self.data.val_image_sizes(), self.batch_size, self.ctx.rank,
                                                 self.ctx.world_size)
         self.chapter = ChapterMetrics.for_run(self.config, self.data.raw_train, val_dataset, device=self.device,

@@ -166,7 +166,7 @@ def _search_result(study, optuna, base: TrainConfig, trial_base: TrainConfig, ou
     best_params = config_params(best.params)
     best_yaml = write_best_config(base, best_params, out_dir / "best.yaml", header=[
         f"fcnseg tune: the best of {len(completed)} complete trial(s) in {study_path}",
-        f"trial {lineage_root(best)}: val mIoU {best.value:.4f} with a budget of {_budget_text(trial_base)} "
+        f"trial {lineage_root(best)}: {_scored_on(base)} mIoU {best.value:.4f} with a budget of {_budget_text(trial_base)} "
         f"(exact trial settings: {out_dir / trial_dir_name(lineage_root(best)) / 'config.yaml'})",
         "tuned: " + ", ".join(f"{k}={param_text(v)}" for k, v in best.params.items()),
         f"train with it: fcnseg train --config {out_dir / 'best.yaml'} --out runs/best",
@@ -259,9 +259,11 @@ def write_best_config(base: TrainConfig, params: dict[str, Any], path: str | Pat
     """Writes ``base`` with ``params`` applied as a YAML config for ``fcnseg train --config``.
 
     The run folder, resume and overwrite flags are left out, so that ``--out`` decides where the run
-    goes and a tuned recipe never replaces a run by itself.
+    goes and a tuned recipe never replaces a run by itself; ``holdout`` is 0, so the recipe trains on
+    all of the training split.
     """
-    values = dataclasses.replace(base, **params).to_plain_dict()
+    # A recipe chosen on a holdout is then trained on the whole training split (and reported on val).
+    values = dataclasses.replace(base, **params, holdout=0.0).to_plain_dict()
     for key in ("out", "resume", "overwrite", "extra"):
         values.pop(key, None)
     path = Path(path)
@@ -270,6 +272,13 @@ def write_best_config(base: TrainConfig, params: dict[str, Any], path: str | Pat
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def _scored_on(config: TrainConfig) -> str:
+    """What the trials were scored on, for best.yaml's header."""
+    if config.holdout:
+        return f"holdout ({config.holdout:g} of {config.train_split!r}, not trained on)"
+    return f"{config.val_split!r}"
 
 
 def _budget_text(config: TrainConfig) -> str:

@@ -1,0 +1,63 @@
+"""The data of a training run: a holdout of the training split replaces the validation split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fcnseg.data import build_dataset
+from fcnseg.data.splits import holdout_split
+from fcnseg.training.config import TrainConfig
+from fcnseg.training.datasets import build_training_data
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    from fcnseg.data.synthetic import make_synthetic
+
+    root = make_synthetic(tmp_path_factory.mktemp("scenes") / "data", num_classes=3, n=10, size=(40, 56), seed=1,
+                          progress=False)
+    (root / "val.txt").write_text("no_such_image\n")  # reading the val split would fail
+    return root
+
+
+def test_a_holdout_validates_on_held_out_training_images_and_never_reads_val(scenes):
+    config = TrainConfig(dataset="folder", root=str(scenes), holdout=0.3, workers=0).validate()
+    data = build_training_data(config)
+    everything = build_dataset("folder", str(scenes), "train")
+    kept, held = holdout_split(len(everything), 0.3)
+    assert len(held) == round(len(everything) * 0.3) >= 2
+    assert len(data.raw_train) == len(kept) and len(data.val) == len(held)
+    assert data.classes == list(everything.classes)
+    mean = torch.tensor(config_mean()).view(3, 1, 1)
+    for position, index in enumerate(held):
+        image, target = data.val[position]
+        raw_image, raw_target = everything[index]
+        assert torch.equal(target, raw_target)  # the held-out image itself, whole
+        assert image.shape[-2:] == raw_image.shape[-2:] and not torch.allclose(image, mean.expand_as(image))
+    for position, index in enumerate(kept):
+        assert torch.equal(data.raw_train[position][1], everything[index][1])
+    assert data.val_image_sizes() == [tuple(everything[i][0].shape[-2:]) for i in held]
+
+
+def config_mean() -> list[float]:
+    from fcnseg.constants import IMAGENET_MEAN
+
+    return list(IMAGENET_MEAN)
+
+
+def test_without_a_holdout_the_val_split_is_read(scenes):
+    from fcnseg.errors import DataError
+
+    config = TrainConfig(dataset="folder", root=str(scenes), workers=0).validate()
+    with pytest.raises(DataError, match="no_such_image"):
+        build_training_data(config)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 2])
+def test_a_holdout_outside_0_1_is_refused(value):
+    from fcnseg.errors import OptionError
+
+    with pytest.raises(OptionError, match="holdout must be a fraction"):
+        TrainConfig(holdout=value).validate()
