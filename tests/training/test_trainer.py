@@ -338,3 +338,33 @@ def test_progress_in_a_log_is_plain_bounded_lines(tmp_path, capfd):
     train(dataclasses.replace(user_config(quiet), batch_size=2, epochs=1), train_dataset=Squares(4, seed=0),
           val_dataset=Squares(2, seed=1), progress=False)
     assert "epoch 1/1" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["ohem", "ce+lovasz"])
+def test_a_loss_for_thin_classes_trains_on_the_full_resolution_logits(loss, tmp_path, monkeypatch):
+    import fcnseg.training.loss as training_loss_module
+    from fcnseg.ops.losses import training_loss
+
+    calls = []
+
+    def recording(logits, target, name, **kwargs):
+        value = training_loss(logits, target, name, **kwargs)
+        calls.append((name, tuple(logits.shape), tuple(target.shape), value.item()))
+        return value
+
+    monkeypatch.setattr(training_loss_module, "training_loss", recording)
+    recorder = Recorder()
+    losses = []
+    recorder.on_step_end = lambda state, result: losses.append(result.loss)
+    train(user_config(tmp_path / "run", loss=loss, iterations=2), train_dataset=Squares(8, seed=0),
+          val_dataset=Squares(4, seed=1), callbacks=[recorder], progress=False)
+    assert [c[0] for c in calls] == [loss, loss]  # every step, this loss
+    assert all(c[1] == (4, 2, 48, 64) and c[2] == (4, 48, 64) for c in calls)
+    assert losses == pytest.approx([c[3] for c in calls])  # the step optimised and logged that value
+
+
+def test_a_loss_for_thin_classes_is_refused_with_the_chapters_recipe():
+    from fcnseg.errors import OptionError
+
+    with pytest.raises(OptionError, match="--loss lovasz cannot be used here: the chapter's recipes"):
+        resolve_config({"loss": "lovasz", "root": "x"}, recipe="d2l")

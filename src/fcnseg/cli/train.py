@@ -113,6 +113,8 @@ def _add_optimisation_options(optim: _Group) -> None:
     optim.add_argument("--loss-reduction", choices=CHOICES["loss_reduction"],
                        help=f"mean, or d2l (sum of per-image means) {_default('loss_reduction')}")
     optim.add_argument("--class-weights", choices=CHOICES["class_weights"], help=_default("class_weights"))
+    optim.add_argument("--loss", choices=CHOICES["loss"], help="ce (cross-entropy), or for thin and rare classes: "
+                       "ohem (hardest pixels), lovasz (Lovasz-softmax), ce+dice, ce+lovasz " + _default("loss"))
 
 
 def _add_hardware_options(hw: _Group) -> None:

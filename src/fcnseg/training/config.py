@@ -22,6 +22,7 @@ from fcnseg.data.registry import DATASETS
 from fcnseg.errors import OptionError
 from fcnseg.models.fcn import VARIANTS
 from fcnseg.models.upsample import UPSAMPLER_CHOICES
+from fcnseg.ops.losses import LOSSES
 from fcnseg.training.recipes import RECIPES
 
 
@@ -76,6 +77,7 @@ class TrainConfig:
     warmup_iters: int = 0
     loss_reduction: str = "mean"  # "d2l": sum over images of each image's mean pixel loss
     class_weights: str = "none"  # or "median-frequency"
+    loss: str = "ce"  # or a loss for thin classes: ohem, lovasz, ce+dice, ce+lovasz (fcnseg.ops.losses)
     # hardware
     device: str = "auto"
     amp: str = "auto"  # auto: bf16 on CPUs that support it, fp16 on CUDA; or bf16, fp16, none
@@ -124,6 +126,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("constant", "poly", "cosine"),
     "loss_reduction": ("mean", "d2l"),
     "class_weights": ("none", "median-frequency"),
+    "loss": LOSSES,
     "amp": AMP_CHOICES,
     "eval_mode": ("whole", "sliding"),
     "score_init": ("default", "xavier"),
@@ -298,6 +301,11 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     if not 0 <= config.holdout < 1:
         raise OptionError(f"holdout must be a fraction of the training split, 0 <= F < 1 (0: validate on "
                           f"{config.val_split!r}), got {config.holdout}")
+    if config.loss != "ce" and (config.d2l_metrics or config.cache_features or config.loss_reduction != "mean"):
+        reason = ("the chapter's recipes train with its cross-entropy" if config.d2l_metrics else
+                  "--cache-features trains the head with cross-entropy" if config.cache_features else
+                  "--loss-reduction d2l is a reduction of the cross-entropy")
+        raise OptionError(f"--loss {config.loss} cannot be used here: {reason}; use --loss ce")
     if config.cache_features and not config.freeze_backbone:
         raise OptionError("--cache-features V needs --freeze-backbone: only a frozen body's features can be cached")
     return config

@@ -99,6 +99,12 @@ def held_out_pairs(pairs: Dataset, fraction: float) -> tuple[Subset, Subset]:
     return parts
 
 
+def holdout_message(config: TrainConfig, data: TrainingData) -> str:
+    """What a run with ``config.holdout`` validates and trains on, printed at its start."""
+    return (f"validating on {len(data.val)} images held out of the training split ({config.holdout:g}), not on "
+            f"{config.val_split!r}; training on {len(data.raw_train)}")
+
+
 def _named_options(config: TrainConfig) -> dict[str, Any]:
     _require_root(config)
     options: dict[str, Any] = {}

@@ -7,6 +7,7 @@ from fcnseg.constants import IGNORE_INDEX
 from fcnseg.models.fcn import FCN, OUTPUT_STRIDE, pad_to_multiple
 from fcnseg.ops.fused_loss import upsample_cross_entropy
 from fcnseg.ops.loss import segmentation_loss
+from fcnseg.ops.losses import training_loss
 
 
 def median_frequency_weights(dataset, num_classes: int) -> torch.Tensor:
@@ -58,3 +59,10 @@ def fcn_cross_entropy(
     c8, c16, c32 = model.backbone(pad_to_multiple(image, OUTPUT_STRIDE))
     return upsample_cross_entropy(model.scores(c8, c16, c32), model.upsample_final, target,
                                   class_weights=class_weights, reduction=reduction, ignore_index=ignore_index)
+
+
+def logits_loss(net: torch.nn.Module, name: str, image: torch.Tensor, target: torch.Tensor, *,
+                class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``training_loss(net(image), target, name)``: a loss of `fcnseg.ops.losses` on the full logits
+    (the losses for thin classes read every pixel's probabilities, so the upsampling is not fused)."""
+    return training_loss(net(image), target, name, class_weights=class_weights)

@@ -32,7 +32,7 @@ from fcnseg.runtime import resolve_amp_dtype, select_device
 from fcnseg.training.callbacks import Callback, CallbackList, EpochEndFunction
 from fcnseg.training.config import TrainConfig
 from fcnseg.training.d2l_metrics import ChapterMetrics, init_scores, per_example_loss, per_process_batch
-from fcnseg.training.datasets import PairTransform, TrainingData, build_training_data
+from fcnseg.training.datasets import PairTransform, TrainingData, build_training_data, holdout_message
 from fcnseg.training.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -40,7 +40,7 @@ from fcnseg.training.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from fcnseg.training.loss import median_frequency_weights
+from fcnseg.training.loss import logits_loss, median_frequency_weights
 from fcnseg.training.optim import build_optimizer, build_scheduler
 from fcnseg.training.resume import check_resumable
 from fcnseg.training.rng import rng_state, seed_everything, set_rng_state
@@ -232,8 +232,7 @@ class Trainer:
         """Batches of equal-sized whole images (this rank's share), whole or sliding prediction, and the
         chapter's metrics (with ``d2l_metrics``; they print its "read N examples" counts)."""
         if self.config.holdout and self.ctx.is_main:
-            print(f"validating on {len(self.data.val)} images held out of the training split "
-                  f"({self.config.holdout:g}), not on {self.config.val_split!r}; training on {len(self.data.raw_train)}")
+            print(holdout_message(self.config, self.data))
         self.val_batches = size_grouped_batches(self.data.val_image_sizes(), self.batch_size, self.ctx.rank,
                                                 self.ctx.world_size)
         self.chapter = ChapterMetrics.for_run(self.config, self.data.raw_train, val_dataset, device=self.device,
@@ -249,6 +248,9 @@ class Trainer:
         config, ctx = self.config, self.ctx
         self.train_net, self.train_set = self.net, self.data.train
         self.compute_loss = None
+        if config.loss != "ce":  # the losses for thin classes need the logits: unfused
+            self.compute_loss = functools.partial(logits_loss, self.net, config.loss, class_weights=self.class_weights)
+            return
         if not ctx.enabled:  # DDP synchronises gradients through the wrapper's forward: unfused there
             from fcnseg.training.loss import fcn_cross_entropy
 
