@@ -78,11 +78,12 @@ class EvaluationReport:
     flip: bool = False
     seconds: float = 0.0  # wall time of the prediction loop (data loading included, model loading not)
     border: str | None = None  # how VOC's void border was read (`border_policy`); None for other datasets
+    scales: tuple[float, ...] = (1.0,)  # multi-scale test-time augmentation
 
     def as_dict(self) -> dict[str, Any]:
         result = self.metrics.as_dict(self.classes)
         result.update({"num_images": self.num_images, "val_loss": self.val_loss, "mode": self.mode, "flip": self.flip,
-                       "seconds": round(self.seconds, 2), **({"border": self.border} if self.border else {}),
+                       "scales": list(self.scales), "seconds": round(self.seconds, 2), **({"border": self.border} if self.border else {}),
                        "note": "void pixels excluded; classes absent from truth and prediction are null "
                                "and left out of the means"})
         return result
@@ -122,6 +123,7 @@ def evaluate_checkpoint(
     window: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
     flip: bool = False,
+    scales: tuple[float, ...] = (1.0,),
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     amp: str = "auto",
@@ -136,6 +138,7 @@ def evaluate_checkpoint(
         mode: "whole" (pad to a multiple of 32, one pass, crop back) or "sliding" (windows of
             ``window``, stride ``stride``, logits averaged where they overlap).
         flip: average with the horizontally flipped prediction.
+        scales: multi-scale test-time augmentation (`fcnseg.inference.windows.predict_scales`).
         progress: show progress (a bar on a terminal, plain lines in a log; `fcnseg.progress`).
         amp: mixed precision as ``--amp`` (`fcnseg.runtime.resolve_amp_dtype`): "auto" (the
             default, as for `Segmenter`) is bf16 where the hardware computes it natively, else
@@ -145,7 +148,7 @@ def evaluate_checkpoint(
     """
     from fcnseg.data import build_dataset
     from fcnseg.data.transforms import eval_transforms
-    from fcnseg.inference.windows import predict_sliding, predict_whole
+    from fcnseg.inference.windows import predict_scales, predict_sliding, predict_whole
 
     device = torch.device(device)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -166,6 +169,9 @@ def evaluate_checkpoint(
         predict = lambda m, x: predict_sliding(m, x, window=window, stride=stride, flip=flip)  # noqa: E731
     else:
         predict = lambda m, x: predict_whole(m, x, flip=flip)  # noqa: E731
+    if tuple(scales) != (1.0,):
+        one_scale = predict
+        predict = lambda m, x: predict_scales(lambda y: one_scale(m, y), x, scales)  # noqa: E731
     batches = size_grouped_batches(image_sizes(dataset), batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
     from fcnseg.progress import progress_bar
@@ -175,7 +181,7 @@ def evaluate_checkpoint(
     metrics, matrix, loss = evaluate(model, counted, len(checkpoint["classes"]),
                                      device=device, predict=predict, amp_dtype=resolve_amp_dtype(amp, device))
     return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode,
-                            flip=flip, seconds=time.perf_counter() - started, border=border)
+                            flip=flip, seconds=time.perf_counter() - started, border=border, scales=tuple(scales))
 
 
 def write_report(report: EvaluationReport, path: str | Path) -> Path:

@@ -19,7 +19,21 @@ from fcnseg.data.transforms import eval_transforms
 from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
 
-def test_eval_json_matches_a_direct_confusion_matrix(tmp_path):
+def direct_logits(model, image: torch.Tensor, scales: tuple[float, ...]) -> torch.Tensor:
+    """Logits of one (3, H, W) image averaged over resized copies, resized back: multi-scale by hand."""
+    height, width = image.shape[-2:]
+    total = torch.zeros(())
+    for scale in scales:
+        size = (round(height * scale), round(width * scale))
+        resized = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+        logits = model(resized)
+        total = total + torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear",
+                                                        align_corners=False)
+    return total[0] / len(scales)
+
+
+@pytest.mark.parametrize("scales", [(), (0.5, 1.0, 1.5)])
+def test_eval_json_matches_a_direct_confusion_matrix(tmp_path, scales):
     root = make_synthetic(tmp_path / "data", num_classes=3, n=10, size=(40, 56), seed=1, progress=False)
     val = build_dataset("folder", root, "val")
     torch.manual_seed(0)
@@ -30,7 +44,8 @@ def test_eval_json_matches_a_direct_confusion_matrix(tmp_path):
 
     out = tmp_path / "eval.json"
     assert main(["eval", str(tmp_path / "model.pt"), "--dataset", "folder", "--root", str(root),
-                 "--split", "val", "--out", str(out), "--device", "cpu", "--amp", "none"]) == 0  # exact: fp32
+                 "--split", "val", "--out", str(out), "--device", "cpu", "--amp", "none",  # exact: fp32
+                 *(["--scales", *map(str, scales)] if scales else [])]) == 0
     report = json.loads(out.read_text())
     assert out.with_suffix(".confusion.png").exists()
 
@@ -39,7 +54,7 @@ def test_eval_json_matches_a_direct_confusion_matrix(tmp_path):
     for i in range(len(normalized)):
         image, target = normalized[i]
         with torch.no_grad():
-            pred = model(image[None])[0].argmax(0).numpy()
+            pred = direct_logits(model, image, scales or (1.0,)).argmax(0).numpy()
         t = target.numpy()
         keep = t != 255
         np.add.at(cm, (t[keep], pred[keep]), 1)
@@ -47,7 +62,7 @@ def test_eval_json_matches_a_direct_confusion_matrix(tmp_path):
     assert report["num_images"] == len(val) and report["num_pixels"] == cm.sum()
     assert abs(report["pixel_acc"] - np.diag(cm).sum() / cm.sum()) < 1e-9
     assert abs(report["miou"] - np.nanmean(iou)) < 1e-9
-    assert set(report["per_class_iou"]) == set(val.classes)
+    assert set(report["per_class_iou"]) == set(val.classes) and report["scales"] == list(scales or (1.0,))
     for key in ("mean_acc", "fwiou"):
         assert 0.0 <= report[key] <= 1.0
 

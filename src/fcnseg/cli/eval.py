@@ -29,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      "(the chapter's reading) or leave it void and ignored (default: as the checkpoint's training run "
                      "read it, so a checkpoint gets the number its run reported)")
     options.add_window_options(p)
+    options.add_scales_option(p)
     p.add_argument("--batch-size", type=options.positive_int, default=4, metavar="N",
                    help="images per forward pass (only equal sizes share one)")
     options.add_device_option(p)
@@ -59,11 +60,13 @@ def run(args: argparse.Namespace) -> int:
 
     with options.max_pixels(args.max_pixels):
         report = evaluate_checkpoint(checkpoint_path, dataset, root, args.split, mode=args.mode, window=window,
-                                     stride=args.stride, flip=args.flip, batch_size=args.batch_size, device=device,
+                                     stride=args.stride, flip=args.flip, scales=tuple(args.scales),
+                                     batch_size=args.batch_size, device=device,
                                      amp=args.amp, workers=args.workers, max_images=args.max_images,
                                      progress=args.progress, border_as_background=args.border_as_background)
     border = f"; {report.border}" if report.border else ""
-    print(f"{report.num_images} images, {args.mode} mode{' + flip' if args.flip else ''}{border}")
+    scales = f" + scales {' '.join(f'{s:g}' for s in args.scales)}" if tuple(args.scales) != (1.0,) else ""
+    print(f"{report.num_images} images, {args.mode} mode{' + flip' if args.flip else ''}{scales}{border}")
     print(format_metrics_table(report.metrics, report.classes))
     path = write_report(report, out)
     print(f"wrote {path} and {path.with_suffix('.confusion.png')}")

@@ -114,6 +114,13 @@ def add_window_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     add_flag(parser, "--flip", default=False, help="horizontal-flip test-time augmentation")
 
 
+def add_scales_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--scales S [S ...]``: multi-scale test-time augmentation, logits averaged over the scales."""
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=(1.0,), metavar="S",
+                        help="also predict the image resized by these factors and average the logits, e.g. "
+                             "--scales 0.75 1 1.25 (with --flip, flipped at every scale)")
+
+
 def add_data_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, split: str = "val") -> None:
     """``--split``, ``--max-images`` and ``--workers``, spelt and defaulted as in every command reading a dataset."""
     parser.add_argument("--split", default=split, help="split to read (train, val, ... as the dataset defines)")

@@ -9,9 +9,10 @@ overlap, the algorithm of mmsegmentation's ``slide_inference`` written as pure f
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fcnseg.errors import OptionError
@@ -215,6 +216,35 @@ def predict_sliding(
         # Accumulated window by window rather than through merge_windows, so that only one
         # batch of window logits is held at a time; the average is the same.
         return total / count_map(corners, (h, w), height, width, device=total.device)
+
+
+def predict_scales(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                   scales: Sequence[float]) -> torch.Tensor:
+    """Multi-scale test-time augmentation: the image resized by each scale, predicted, its logits
+    resized back (bilinear) and averaged, so thin objects are also seen larger and large ones whole.
+
+    Args:
+        predict: images ``(N, 3, h, w)`` to logits of the same size (`predict_whole` or
+            `predict_sliding` with their options bound; flip applies at every scale).
+        image: ``(N, 3, H, W)`` normalised.
+        scales: resize factors, e.g. ``(0.75, 1.0, 1.25)``; ``(1.0,)`` is ``predict(image)``.
+
+    Returns:
+        ``(N, C, H, W)`` float32 logits.
+    """
+    if not scales or min(scales) <= 0:
+        raise OptionError(f"scales must be positive numbers, got {list(scales)}")
+    height, width = image.shape[-2:]
+    total = None
+    for scale in scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        resized = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",
+                                                                      align_corners=False)
+        logits = predict(resized).float()
+        if size != (height, width):
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        total = logits if total is None else total + logits
+    return total / len(scales)
 
 
 def _forward(model: nn.Module, image: torch.Tensor, flip: bool) -> torch.Tensor:
