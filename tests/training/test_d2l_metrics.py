@@ -112,6 +112,12 @@ def test_test_crops_are_seeded_and_drop_small_images():
         assert first[i][1].shape == CROP
     other = build_test_crops(resolve_config({"root": "unused", "crop": CROP, "seed": 4}, recipe="d2l"), val)
     assert any(not torch.equal(first[i][1], other[i][1]) for i in range(3))
+    # A new epoch draws new crops (as the chapter's test iterator does), the same for the same epoch.
+    first.set_epoch(2)
+    again.set_epoch(2)
+    assert any(not torch.equal(first[i][1], other[i][1]) for i in range(3))
+    assert all(torch.equal(first[i][1], again[i][1]) for i in range(3))
+    assert any(not torch.equal(first[i][1], build_test_crops(config, val)[i][1]) for i in range(3))
 
 
 def _voc_tree(root: Path, sizes: dict[str, tuple[int, int]], splits: dict[str, list[str]]) -> Path:

@@ -167,14 +167,17 @@ class ChapterMetrics:
 
         return fused_loss if fused and model.upsample_final.learnable else unfused_loss
 
-    def epoch_record(self, model: nn.Module, examples: int) -> dict[str, Any]:
+    def epoch_record(self, model: nn.Module, examples: int, epoch: int) -> dict[str, Any]:
         """``train_acc``, ``test_acc`` and ``examples_per_sec`` of the epoch just trained.
 
         Args:
             examples: training examples this process saw in the epoch.
+            epoch: the epoch's number: the test crops are drawn anew for each epoch, as the chapter's
+                test iterator draws them, seeded by (seed, epoch, image) so a resumed run draws the same.
         """
         if self.test_crops is None:
             return {}
+        self.test_crops.set_epoch(epoch)
         seconds = max(time.perf_counter() - self.started, 1e-9)
         examples_all = examples * self.ctx.world_size
         return {"train_acc": self.train_tally.value(self.ctx), "test_acc": self.test_accuracy(model),

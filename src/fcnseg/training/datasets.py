@@ -153,8 +153,9 @@ def build_test_crops(config: TrainConfig, val_dataset: Dataset | None = None) ->
     """The chapter's test set: random ``config.crop`` crops of the validation images, those smaller than
     the crop left out (its ``VOCSegDataset`` on the val split), the border read as in training.
 
-    The crops are seeded by ``config.seed`` and the same every epoch, so test accuracy is repeatable
-    and moves only with the model. ``config.max_val_images`` limits the images kept.
+    The crops are seeded by ``config.seed`` and the epoch (``set_epoch``; epoch 0 until set), so test
+    accuracy is repeatable and, as the chapter's, measured on new crops each epoch.
+    ``config.max_val_images`` limits the images kept.
 
     Args:
         val_dataset: the user's raw validation pairs; None: the named dataset's ``config.val_split``.

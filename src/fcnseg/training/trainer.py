@@ -342,7 +342,7 @@ class Trainer:
                                   "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(state.train_seconds, 1)}
         last_epoch = state.global_step >= self.total_steps
         if epoch % config.eval_every == 0 or last_epoch:
-            record.update(self.chapter.epoch_record(self.model, state.epoch_images))  # {} without d2l_metrics
+            record.update(self.chapter.epoch_record(self.model, state.epoch_images, state.epoch))  # {} without d2l_metrics
             record.update(self.validate(epoch, epoch_loss, last_epoch=last_epoch))
         state.end_epoch(record)
         if self.log is not None:
