@@ -1,12 +1,16 @@
 """Reruns the tables of docs/RESULTS.md (the chapter's exercises on CamVid) end to end.
 
     python experiments/run.py q1 [q2 ...|all] [--quick] [--out DIR] [--bodies resnet18 mobilenet_v2]
+                              [--budget q|recommended]
 
 q1 upsampler (FCN-32s), q2 skips (32s/16s/8s), q3 pretrained vs random body and frozen vs fine-tuned,
-q4 `fcnseg tune` search and its best recipe, q5 whole-image vs sliding-window prediction with and
-without flip. Every number comes from `fcnseg train` / `fcnseg eval` / `fcnseg tune` with fixed seeds;
-runs shared by several tables (Q1's bilinear FCN-32s is Q2's 32s row, ...) are trained once. Each
-table is written to OUT/qN/table.md and table.json, and all tables so far to OUT/RESULTS.md.
+q4 `fcnseg tune` search (scored on a holdout of train) and its best recipe, q5 whole-image vs
+sliding-window prediction with and without flip, q6 options for thin classes (losses, crops, scales,
+FCN-4s, test-time augmentation) scored on a holdout of train, q7 the recipe chosen from q6, trained
+with the recommended budget on all of train, 2 seeds, reported on val. Every number comes from
+`fcnseg train` / `fcnseg eval` / `fcnseg tune` with fixed seeds; runs shared by several tables
+(Q1's bilinear FCN-32s is Q2's 32s row, ...) are trained once. Each table is written to
+OUT/qN/table.md and table.json, and all tables so far to OUT/RESULTS.md.
 Interrupted? Run the same command again: finished runs are skipped, cut ones resumed.
 See experiments/README.md for the settings and the expected times.
 """
@@ -14,95 +18,49 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-from dataclasses import dataclass, replace
-from importlib import metadata
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import recommended  # noqa: E402
+import thin_classes  # noqa: E402
 from repo_paths import repo_relative, shared_data_dir  # noqa: E402
 from runner import ExperimentError, Runner, TrainRun  # noqa: E402
+from settings import BODIES, FULL, QUICK, UPSAMPLERS, Settings, hardware  # noqa: E402
 from tables import Row, format_seconds, write_table  # noqa: E402
 
-TABLES = ("q1", "q2", "q3", "q4", "q5")
-
-
-@dataclass(frozen=True)
-class Body:
-    key: str
-    model: str
-    name: str
-
-
-BODIES = {
-    "resnet18": Body("resnet18", "fcn_resnet18", "ResNet-18"),
-    "mobilenet_v2": Body("mobilenet_v2", "fcn_mobilenet_v2", "MobileNetV2"),
-}
-UPSAMPLERS = {"bilinear": "bilinear init, learned", "xavier": "Xavier init, learned", "fixed": "bilinear, fixed"}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the tables share. FULL is the documented setting; QUICK only checks the plumbing."""
-
-    name: str
-    crop: str = "256x352"
-    scale_range: tuple[str, str] = ("0.75", "1.25")
-    batch_size: int = 8
-    lr: str = "0.01"
-    weight_decay: str = "0.0001"
-    schedule: str = "poly"
-    epochs: int | None = 15
-    iterations: int | None = None
-    eval_every: int = 5
-    max_val_images: int | None = None
-    # In-process loading: on a 2-core machine a loader worker takes its core from the training
-    # threads (MobileNetV2 FCN-8s at 360x480: 24.5 s for 30 steps with 0 workers, 28.9 s with 1).
-    workers: int = 0
-    hardware_args: tuple[str, ...] = ()
-    eval_amp: str = "auto"  # as the training runs validate, so Q5's plain whole-image row repeats it
-    tune_trials: int = 12
-    tune_budget: tuple[str, ...] = ("--epochs-per-trial", "3")
-    tune_space: tuple[str, ...] = ("--lr-range", "0.001", "0.1", "--weight-decay-range", "0.00001", "0.001",
-                                   "--batch-sizes", "4", "8", "16", "--crops", "192x256", "256x352", "320x448",
-                                   "--schedules", "poly", "cosine", "--startup-trials", "5")
-    bodies: tuple[str, ...] = ("resnet18", "mobilenet_v2")
-    launcher: str = "subprocess"
-    out: str = "runs/experiments"
-
-
-FULL = Settings("full")
-QUICK = Settings(
-    "quick", crop="64x96", batch_size=2, epochs=None, iterations=2, eval_every=1, max_val_images=2, workers=0,
-    hardware_args=("--amp", "none", "--channels-last", "false"), eval_amp="none", tune_trials=2,
-    tune_budget=("--iterations-per-trial", "2"),
-    tune_space=("--batch-sizes", "2", "4", "--crops", "64x96", "96x128", "--startup-trials", "2"),
-    bodies=("mobilenet_v2",), launcher="inprocess", out="runs/experiments-quick",
-)
+TABLES = ("q1", "q2", "q3", "q4", "q5", "q6", "q7")
 
 
 class Experiments:
     """Builds the fcnseg commands of each table, runs them through a Runner and writes the tables."""
 
-    def __init__(self, settings: Settings, runner: Runner, root: Path, weights: Path, bodies: list[str]) -> None:
+    def __init__(self, settings: Settings, runner: Runner, root: Path, weights: Path, bodies: list[str], *,
+                 selection_bodies: list[str] | None = None, budget: str = "q") -> None:
         self.s, self.runner, self.root, self.weights, self.bodies = settings, runner, root, weights, bodies
+        # Q6 (and the choices Q7 makes from it): MobileNetV2 unless --bodies names the bodies.
+        self.selection_bodies, self.budget = selection_bodies or ["mobilenet_v2"], budget
+        self.selections: dict[str, thin_classes.Selection] = {}  # Q6's runs per body, made once for Q6 and Q7
 
     # -- command pieces -----------------------------------------------------------------------
-    def common(self, *, searched: bool = True, eval_every: int | None = None) -> list[str]:
-        """Data, recipe and run options shared by every training run; `fcnseg tune` gets them
-        without the searched ones (it would otherwise hold them fixed)."""
-        s = self.s
+    def common(self, *, searched: bool = True, eval_every: int | None = None, settings: Settings | None = None,
+               seed: int = 0) -> list[str]:
+        """Data, recipe and run options shared by every training run (of ``settings``, default the
+        table settings); `fcnseg tune` gets them without the searched ones (it would otherwise hold
+        them fixed)."""
+        s = settings or self.s
         args = ["--dataset", "camvid", "--root", str(self.root),
                 "--scale-range", *s.scale_range, "--hflip", "true", "--optimizer", "sgd", "--momentum", "0.9"]
         if searched:
             args += ["--crop", s.crop, "--batch-size", str(s.batch_size), "--lr", s.lr,
                      "--weight-decay", s.weight_decay, "--schedule", s.schedule]
+        if s.warmup_iters:
+            args += ["--warmup-iters", str(s.warmup_iters)]
         args += ["--iterations", str(s.iterations)] if s.iterations else ["--epochs", str(s.epochs)]
-        args += ["--eval-every", str(eval_every or s.eval_every), "--seed", "0", "--workers", str(s.workers), "--no-progress",
-                 *s.hardware_args]
+        args += ["--eval-every", str(eval_every or s.eval_every), "--seed", str(seed), "--workers", str(s.workers),
+                 "--no-progress", *s.hardware_args]
         if s.max_val_images:
             args += ["--max-val-images", str(s.max_val_images)]
         return args
@@ -165,17 +123,18 @@ class Experiments:
     def q4(self) -> None:
         s = self.s
         name, model_args, label = self.model("mobilenet_v2")
-        study_dir = self.runner.out / "q4" / "tune"
+        # Scored on a holdout of train (a new study: the first one, scored on val, lives in q4/tune).
+        study_dir = self.runner.out / "q4" / "tune-holdout"
         # The trials evaluate every epoch so that the median pruner can stop poor ones early.
-        tune_args = [*model_args, *self.common(searched=False, eval_every=1), "--trials", str(s.tune_trials),
-                     *s.tune_budget, *s.tune_space]
+        tune_args = [*model_args, *self.common(searched=False, eval_every=1), "--holdout", s.holdout,
+                     "--trials", str(s.tune_trials), *s.tune_budget, *s.tune_space]
         best_yaml = self.runner.tune(tune_args, study_dir)
         default = self.runner.train(name, model_args + self.common())
         # best.yaml holds the whole recipe (budget included); validation as sparse as the other runs.
         tuned_args = ["--config", str(study_dir / "best.yaml"), "--eval-every", str(s.eval_every), "--no-progress"]
         if best_yaml is not None and not best_yaml.exists():
             raise ExperimentError(f"fcnseg tune wrote no {best_yaml}: no trial completed")
-        tuned = self.runner.train(f"{name}-tuned", tuned_args,
+        tuned = self.runner.train(f"{name}-tuned-holdout", tuned_args,
                                   inputs={"best.yaml": best_yaml} if best_yaml is not None else None)
         if default is None or tuned is None:
             return
@@ -185,12 +144,14 @@ class Experiments:
         trials = json.loads((study_dir / "trials.json").read_text())
         self.write("q4", "Q4. A budgeted search (fcnseg tune) and the best recipe it finds", rows,
                    notes=[f"Search: {len(trials)} trial(s) of Optuna's TPE sampler (seed 0), "
-                          f"{_budget_words(s.tune_budget)} per trial, scored by final val mIoU, median pruning on "
-                          f"per-epoch val mIoU; fcnseg tune options: {' '.join(s.tune_space)}. Both rows then "
-                          "train with the full budget.",
-                          "The recipe is selected on the same val split it is reported on, so its row is "
-                          "optimistic; CamVid's test split is not available here."],
-                   extra_markdown=_trials_markdown(trials))
+                          f"{_budget_words(s.tune_budget)} per trial, each trained on the other "
+                          f"{100 - round(100 * float(s.holdout))}% of train and scored by its final mIoU on a "
+                          f"{float(s.holdout):.0%} holdout of train (`--holdout {s.holdout}`: runs of consecutive "
+                          "frames, never trained on by the trials), never on val; median pruning on per-epoch "
+                          f"holdout mIoU; fcnseg tune options: {' '.join(s.tune_space)}.",
+                          "The best recipe (best.yaml, which sets holdout 0) is then trained on all of train "
+                          "with the full budget and reported on val once, like the default row: val chose nothing."],
+                   extra_markdown=_trials_markdown(trials, "holdout mIoU"))
 
     def q5(self) -> None:
         rows = []
@@ -226,6 +187,12 @@ class Experiments:
                           "loading excluded). The whole-image row without flip repeats the training run's final "
                           "validation, so it should equal that run's metrics.json up to float rounding."])
 
+    def q6(self) -> None:
+        thin_classes.q6(self)
+
+    def q7(self) -> None:
+        recommended.q7(self)
+
     # -- output -------------------------------------------------------------------------------
     def row(self, run: TrainRun | None, label: str) -> Row | None:
         if run is None:
@@ -233,20 +200,18 @@ class Experiments:
         return Row(label, run.metrics, run.train_seconds, str(run.run_dir), run.command)
 
     def write(self, key: str, title: str, rows: list[Row | None], *, time_label: str = "train time",
-              notes: list[str] = (), extra_markdown: str = "") -> None:
+              notes: list[str] = (), extra_markdown: str = "", extra_tables: list = ()) -> None:
         rows = [r for r in rows if r is not None]
         if not rows:  # dry run
             return
         settings = self.settings_summary(rows)
         md, js = write_table(self.runner.out / key, key, title, self.caption(settings), rows, time_label=time_label,
-                             settings=settings, notes=notes, extra_markdown=extra_markdown)
+                             settings=settings, notes=notes, extra_markdown=extra_markdown, extra_tables=extra_tables)
         print(md.read_text())
         print(f"wrote {md} and {js}")
         write_summary(self.runner.out)
 
     def settings_summary(self, rows: list[Row]) -> dict:
-        from fcnseg.data import build_dataset
-
         first_run = next((Path(r.run) for r in rows if (Path(r.run) / "config.yaml").exists()), None)
         if first_run is None:  # Q5: the report sits in RUN_DIR/eval/
             first_run = Path(rows[0].run).parent.parent
@@ -254,28 +219,46 @@ class Experiments:
 
         config = yaml.safe_load((first_run / "config.yaml").read_text())
         records = [json.loads(line) for line in (first_run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        val = build_dataset("camvid", self.root, "val")
-        from PIL import Image
-
-        with Image.open(val.image_paths[0]) as im:
-            size = f"{im.height}x{im.width}"
-        n_val = min(len(val), config.get("max_val_images") or len(val))
         return {
-            "settings": self.s.name, "dataset": "CamVid (SegNet tutorial split)", "val_images": n_val, "val_size": size,
+            "settings": self.s.name, "dataset": "CamVid (SegNet tutorial split)", **self.scored_images(config),
             "crop": "x".join(map(str, config["crop"])), "scale_range": config["scale_range"],
             "epochs": records[-1]["epoch"] if records else None, "iterations": records[-1]["iteration"] if records else None,
             "batch_size": config["batch_size"], "optimizer": config["optimizer"], "momentum": config["momentum"],
             "lr": config["lr"], "weight_decay": config["weight_decay"], "schedule": config["schedule"],
-            "amp": config["amp"], "seed": config["seed"], "hardware": hardware(),
+            "warmup_iters": config.get("warmup_iters", 0), "amp": config["amp"], "seed": config["seed"],
+            "hardware": hardware(),
         }
+
+    def scored_images(self, config: dict) -> dict:
+        """What a run was scored on: val, or (``config["holdout"]``) the images held out of train."""
+        from PIL import Image
+
+        from fcnseg.data import build_dataset
+        from fcnseg.data.splits import holdout_split
+
+        holdout = config.get("holdout") or 0
+        split = build_dataset("camvid", self.root, config.get("train_split", "train") if holdout else "val")
+        indices = holdout_split(len(split), holdout)[1] if holdout else range(len(split))
+        with Image.open(split.image_paths[indices[0]]) as im:
+            size = f"{im.height}x{im.width}"
+        n = min(len(indices), config.get("max_val_images") or len(indices))
+        return {"val_images": n, "val_size": size, "holdout": holdout, "split_images": len(split),
+                "held_out": len(indices) if holdout else 0}
 
     def caption(self, st: dict) -> str:
         scale = f"random scale {st['scale_range'][0]}-{st['scale_range'][1]}, " if st["scale_range"] else ""
         quick = "**Quick check only: these numbers mean nothing.** " if st["settings"] == "quick" else ""
-        return (f"{quick}CamVid val, {st['val_images']} images at {st['val_size']} (void excluded), whole-image "
+        scored = f"CamVid val, {st['val_images']} images at {st['val_size']}"
+        if st.get("holdout"):
+            scored = (f"CamVid train holdout (`--holdout {st['holdout']:g}`), {st['val_images']} of the "
+                      f"{st['held_out']} images held out of the {st['split_images']} training images (runs of "
+                      f"consecutive frames; the runs train on the other {st['split_images'] - st['held_out']}; val "
+                      f"never read), at {st['val_size']}")
+        warmup = f", {_plural(st['warmup_iters'], 'warm-up step')}" if st.get("warmup_iters") else ""
+        return (f"{quick}{scored} (void excluded), whole-image "
                 f"prediction unless stated. Training: {_plural(st['epochs'], 'epoch')} ({_plural(st['iterations'], 'iteration')}) on "
                 f"{st['crop']} crops ({scale}horizontal flip), batch {st['batch_size']}, SGD momentum "
-                f"{st['momentum']}, lr {st['lr']} {st['schedule']}, weight decay {st['weight_decay']}, seed "
+                f"{st['momentum']}, lr {st['lr']} {st['schedule']}{warmup}, weight decay {st['weight_decay']}, seed "
                 f"{st['seed']}, unless the row says otherwise. Hardware: {st['hardware']}. IoU and accuracies in %; "
                 "train time is the wall-clock training time in metrics.jsonl (periodic validation included).")
 
@@ -295,10 +278,10 @@ def _recipe_text(config: dict) -> str:
             f"crop {'x'.join(map(str, config['crop']))}, {config['schedule']}")
 
 
-def _trials_markdown(trials: list[dict]) -> str:
-    lines = ["Trials (mIoU at the trial budget; a pruned trial shows the mIoU it was stopped at, a diverged one "
-             "scores 0):", "",
-             "| trial | state | mIoU | lr | weight decay | batch | crop | schedule | train time |",
+def _trials_markdown(trials: list[dict], score: str = "mIoU") -> str:
+    lines = [f"Trials ({score} at the trial budget; a pruned trial shows the {score} it was stopped at, a diverged "
+             "one scores 0):", "",
+             f"| trial | state | {score} | lr | weight decay | batch | crop | schedule | train time |",
              "|---:|:---|---:|---:|---:|---:|:---|:---|---:|"]
     for t in sorted(trials, key=lambda t: t["number"]):
         p = t["params"]
@@ -314,16 +297,6 @@ def _trials_markdown(trials: list[dict]) -> str:
         lines.append(f"| {t['number']} | {state} | {miou} | {lr} | {wd} | {p.get('batch_size', '–')} | "
                      f"{p.get('crop', '–')} | {p.get('schedule', '–')} | {format_seconds(t.get('train_seconds'))} |")
     return "\n".join(lines)
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {metadata.version('torch')}"
 
 
 def write_summary(out: Path) -> Path:
@@ -350,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, help="MobileNetV2 ImageNet features state dict "
                         "(default: the shared data's weights/mobilenet_v2_imagenet_features.pth)")
     parser.add_argument("--bodies", nargs="+", choices=tuple(BODIES),
-                        help=f"bodies for Q1, Q2, Q5 and Q3's reference row (default {' '.join(FULL.bodies)}; "
-                             f"with --quick {' '.join(QUICK.bodies)})")
+                        help=f"bodies for Q1, Q2, Q5, Q7 and Q3's reference row (default {' '.join(FULL.bodies)}; "
+                             f"with --quick {' '.join(QUICK.bodies)}); Q6 runs MobileNetV2 only unless given")
+    parser.add_argument("--budget", choices=("q", "recommended"), default="q",
+                        help="Q6's training budget: the Q settings (15 epochs of 256x352 crops, default) or the "
+                             "recommended run's (3600 steps of 360x480 crops, about 52 min per MobileNetV2 row)")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {FULL.epochs}; not with --quick)")
     parser.add_argument("--trials", type=int, help=f"Q4 search trials (default {FULL.tune_trials})")
     parser.add_argument("--launcher", choices=("subprocess", "inprocess"),
@@ -374,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists() and not args.dry_run:
             parser.error(f"{what} not found at {path}")
     runner = Runner(args.out or settings.out, launcher=args.launcher or settings.launcher, dry_run=args.dry_run)
-    experiments = Experiments(settings, runner, root, weights, list(args.bodies or settings.bodies))
+    experiments = Experiments(settings, runner, root, weights, list(args.bodies or settings.bodies),
+                              selection_bodies=args.bodies, budget=args.budget)
     tables = TABLES if "all" in args.tables else [t for t in TABLES if t in args.tables]
     try:
         for key in tables:

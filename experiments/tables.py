@@ -73,8 +73,14 @@ def markdown_table(rows: list[Row], *, time_label: str = "train time") -> str:
 
 def write_table(out_dir: str | Path, key: str, title: str, caption: str, rows: list[Row], *,
                 time_label: str = "train time", settings: dict[str, Any] | None = None,
-                notes: list[str] = (), extra_markdown: str = "") -> tuple[Path, Path]:
+                notes: list[str] = (), extra_markdown: str = "",
+                extra_tables: list[tuple[str, list[Row], str]] = ()) -> tuple[Path, Path]:
     """Writes ``out_dir/table.md`` (title, caption, table, notes, commands) and ``out_dir/table.json``.
+
+    Args:
+        extra_tables: ``(heading, rows, time label)`` of further tables printed below the main one
+            (e.g. evaluations, whose time column is not a training time); their rows go to table.json
+            under ``extra_tables`` and their commands to the list of commands.
 
     Returns:
         the two paths.
@@ -82,11 +88,13 @@ def write_table(out_dir: str | Path, key: str, title: str, caption: str, rows: l
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"### {title}", "", caption, "", markdown_table(rows, time_label=time_label)]
+    for heading, extra_rows, extra_time_label in extra_tables:
+        parts += ["", heading, "", markdown_table(extra_rows, time_label=extra_time_label)]
     if notes:
         parts += ["", *[f"- {note}" for note in notes]]
     if extra_markdown:
         parts += ["", extra_markdown]
-    commands = [row.command for row in rows if row.command]
+    commands = [row.command for row in [*rows, *(r for _, extra, _ in extra_tables for r in extra)] if row.command]
     if commands:
         parts += ["", "<details><summary>Commands</summary>", "", "```bash",
                   *[command_text(c) for c in commands], "```", "", "</details>"]
@@ -94,6 +102,9 @@ def write_table(out_dir: str | Path, key: str, title: str, caption: str, rows: l
     md_path.write_text("\n".join(parts) + "\n")
     payload = {"table": key, "title": title, "caption": caption, "time_label": time_label,
                "settings": settings or {}, "notes": list(notes), "rows": [_row_record(r) for r in rows]}
+    if extra_tables:
+        payload["extra_tables"] = [{"heading": heading, "time_label": label, "rows": [_row_record(r) for r in extra]}
+                                   for heading, extra, label in extra_tables]
     json_path = out_dir / "table.json"
     json_path.write_text(json.dumps(payload, indent=2, default=str))
     return md_path, json_path

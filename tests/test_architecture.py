@@ -25,6 +25,16 @@ FORBIDDEN = {
     "fcnseg.runtime": ("fcnseg.models", "fcnseg.data", "fcnseg.training", "fcnseg.inference", "fcnseg.ops",
                        "fcnseg.cli"),
     "fcnseg.constants": ("fcnseg.",),
+    # The JAX backend sits beside training and inference; only the CLI reaches it (docs/JAX.md).
+    "fcnseg.jax_backend": ("fcnseg.cli", "fcnseg.serving", "fcnseg.reporting"),
+    # The web app and the HTML report sit under the CLI only: no library layer imports them.
+    "fcnseg.training": ("fcnseg.cli", "fcnseg.serving", "fcnseg.reporting", "fcnseg.jax_backend"),
+    "fcnseg.inference": ("fcnseg.cli", "fcnseg.serving", "fcnseg.reporting", "fcnseg.training",
+                         "fcnseg.jax_backend"),
+    "fcnseg.evaluation": ("fcnseg.cli", "fcnseg.serving", "fcnseg.reporting", "fcnseg.training"),
+    "fcnseg.export": ("fcnseg.cli", "fcnseg.serving", "fcnseg.reporting", "fcnseg.training"),
+    "fcnseg.serving": ("fcnseg.cli", "fcnseg.training", "fcnseg.reporting"),
+    "fcnseg.reporting": ("fcnseg.cli", "fcnseg.serving"),
     "fcnseg.progress": ("fcnseg.models", "fcnseg.data", "fcnseg.training", "fcnseg.inference", "fcnseg.ops",
                         "fcnseg.cli", "fcnseg.evaluation", "fcnseg.export", "fcnseg.visualize"),
 }

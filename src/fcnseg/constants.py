@@ -12,6 +12,9 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 """Files read as photos (lower case; matched case-insensitively)."""
 
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+"""Files ``fcnseg predict`` reads as videos, frame by frame (lower case; matched case-insensitively)."""
+
 MASK_EXTENSIONS: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".gif")
 """Files read as label masks: lossless formats only (a JPEG mask's edges hold invented colours)."""
 
@@ -31,3 +34,13 @@ processes: ``0`` or ``none`` for no cap."""
 AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "none")
 """The mixed-precision choices (``--amp``, ``Segmenter(amp=...)``): "auto" is bf16 where the
 hardware computes it natively, fp16 on other GPUs, float32 elsewhere (`fcnseg.runtime.resolve_amp_dtype`)."""
+
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 7860
+"""Where ``fcnseg serve`` listens by default: this machine only (``--host 0.0.0.0`` opens it to the network)."""
+
+SERVE_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+SERVE_MAX_PIXELS = 25_000_000
+"""The caps of an upload to ``fcnseg serve``: 20 MiB of file, 25 megapixels (a 24-megapixel camera's
+photo passes). Lower than `MAX_IMAGE_PIXELS`: a web page's visitor waits for the answer, and one
+request must not hold the model for minutes. Raised with ``--max-upload-mb`` and ``--max-pixels``."""

@@ -79,11 +79,13 @@ class EvaluationReport:
     seconds: float = 0.0  # wall time of the prediction loop (data loading included, model loading not)
     border: str | None = None  # how VOC's void border was read (`border_policy`); None for other datasets
     scales: tuple[float, ...] = (1.0,)  # multi-scale test-time augmentation
+    holdout: float = 0.0  # the images a run trained with this holdout held out of the split; 0: the whole split
 
     def as_dict(self) -> dict[str, Any]:
         result = self.metrics.as_dict(self.classes)
         result.update({"num_images": self.num_images, "val_loss": self.val_loss, "mode": self.mode, "flip": self.flip,
                        "scales": list(self.scales), "seconds": round(self.seconds, 2), **({"border": self.border} if self.border else {}),
+                       **({"holdout": self.holdout} if self.holdout else {}),
                        "note": "void pixels excluded; classes absent from truth and prediction are null "
                                "and left out of the means"})
         return result
@@ -131,6 +133,7 @@ def evaluate_checkpoint(
     max_images: int | None = None,
     progress: bool = True,
     border_as_background: bool | None = None,
+    holdout: float = 0.0,
 ) -> EvaluationReport:
     """Whole-image metrics of a checkpoint on a split (void excluded), batched by image size.
 
@@ -145,6 +148,9 @@ def evaluate_checkpoint(
             float32; "none" for float32 everywhere.
         border_as_background: VOC's void border read as background (True) or ignored (False); None:
             as the checkpoint's training run read it (`border_policy`), said in the report's ``border``.
+        holdout: evaluate only the images that ``fcnseg train --holdout F`` holds out of this split
+            (`fcnseg.data.splits.holdout_split`), to score a run without reading the split it is
+            reported on; 0: the whole split. ``max_images`` then takes the first of those.
     """
     from fcnseg.data import build_dataset
     from fcnseg.data.transforms import eval_transforms
@@ -162,8 +168,7 @@ def evaluate_checkpoint(
             f"the checkpoint predicts {len(checkpoint['classes'])} classes ({', '.join(checkpoint['classes'][:4])}, ...) "
             f"but {dataset_name} at {root} has {len(dataset.classes)} ({', '.join(dataset.classes[:4])}, ...)"
         )
-    if max_images:
-        dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+    dataset = _selected(dataset, holdout, max_images)
     if mode == "sliding":
         window = window or tuple(checkpoint.get("config", {}).get("crop") or (320, 480))
         predict = lambda m, x: predict_sliding(m, x, window=window, stride=stride, flip=flip)  # noqa: E731
@@ -181,7 +186,19 @@ def evaluate_checkpoint(
     metrics, matrix, loss = evaluate(model, counted, len(checkpoint["classes"]),
                                      device=device, predict=predict, amp_dtype=resolve_amp_dtype(amp, device))
     return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode,
-                            flip=flip, seconds=time.perf_counter() - started, border=border, scales=tuple(scales))
+                            flip=flip, seconds=time.perf_counter() - started, border=border, scales=tuple(scales),
+                            holdout=holdout)
+
+
+def _selected(dataset: Any, holdout: float, max_images: int | None) -> Any:
+    """The held-out images of ``dataset`` (all of it for ``holdout`` 0), the first ``max_images`` of them;
+    one Subset of the dataset itself, so that image sizes are still read from the file headers."""
+    from fcnseg.data.splits import holdout_split
+
+    indices = holdout_split(len(dataset), holdout)[1] if holdout else list(range(len(dataset)))
+    if max_images:
+        indices = indices[:max_images]
+    return dataset if len(indices) == len(dataset) else torch.utils.data.Subset(dataset, indices)
 
 
 def write_report(report: EvaluationReport, path: str | Path) -> Path:

@@ -86,6 +86,15 @@ def overlay(
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
+PNG_COMPRESS_LEVEL = 1  # zlib level of written PNGs: 3.5x as fast to encode as Pillow's 6, files ~10% larger
+
+
+def save_label_png(label: LabelLike, colors: Sequence[Color], file) -> None:
+    """Writes class ids as the palette PNG `fcnseg predict` writes (`palette_image`, zlib level 1) to a
+    path or a binary file object: one encoder, so the server's masks are byte for byte predict's."""
+    palette_image(label, colors).save(file, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+
 def palette_image(label: LabelLike, colors: Sequence[Color], *, ignore_color: Color = (0, 0, 0)) -> Image.Image:
     """A mode-"P" PIL image whose pixel values are the class ids and whose palette is ``colors``.
 

@@ -121,6 +121,20 @@ def test_dataset_and_root_come_from_the_checkpoint(data_and_checkpoint, tmp_path
     assert "eval val" not in captured.err  # --no-progress: no progress output
 
 
+def test_a_model_folder_evaluates_as_its_checkpoint(data_and_checkpoint, tmp_path):
+    root, checkpoint = data_and_checkpoint
+    folder = tmp_path / "model-folder"
+    assert main(["export", str(checkpoint), "--format", "hf", "--out", str(folder)]) == 0
+    reports = []
+    for source, name in ((checkpoint, "a.json"), (folder, "b.json")):
+        assert main(["eval", str(source), "--dataset", "folder", "--root", str(root), "--out", str(tmp_path / name),
+                     "--device", "cpu", "--amp", "none", "--no-progress"]) == 0
+        reports.append(json.loads((tmp_path / name).read_text()))
+    for key in ("miou", "pixel_acc", "num_pixels", "per_class_iou"):
+        assert reports[0][key] == reports[1][key]
+    assert main(["eval", str(tmp_path), "--out", str(tmp_path / "c.json")]) == 2  # a folder, not a model folder
+
+
 def test_a_checkpoint_without_a_dataset_asks_for_one(tmp_path, no_evaluation, capsys):
     model = fcn_resnet18(num_classes=3, weights_backbone=None)
     save_checkpoint(make_checkpoint(model, classes=list("abc"), colors=[(0, 0, 0)] * 3), tmp_path / "m.pt")
@@ -136,6 +150,8 @@ def test_a_checkpoint_without_a_dataset_asks_for_one(tmp_path, no_evaluation, ca
     (["--root", "{tmp}/nowhere"], "--root {tmp}/nowhere: no such folder"),
     (["--mode", "sliding", "--window", "32x32", "--stride", "40x16"], "stride 40x16 is larger than the window 32x32"),
     (["--mode", "sliding", "--stride", "48x48"], "stride 48x48 is larger than the window 32x32"),  # the training crop
+    (["--holdout", "0.2"], "pass --split train (got --split val)"),
+    (["--split", "train", "--holdout", "1"], "--holdout must be a fraction of the split, 0 < F < 1, got 1"),
 ])
 def test_mistakes_are_refused_before_the_metrics(arguments, message, data_and_checkpoint, tmp_path, no_evaluation,
                                                   capsys):
@@ -200,3 +216,25 @@ def test_eval_applies_the_border_policy_of_training_and_says_so(tmp_path, capsys
     assert main(["eval", *common, "--no-border-as-background", "--out", str(tmp_path / "v.json")]) == 0
     assert "border void (ignored)" in capsys.readouterr().out
     assert json.loads((tmp_path / "v.json").read_text())["pixel_acc"] == pytest.approx(11 / 23)
+
+
+def test_eval_holdout_scores_the_images_a_holdout_run_validated_on(tmp_path, capsys):
+    from fcnseg.data.splits import holdout_split
+
+    root = make_synthetic(tmp_path / "data", num_classes=3, n=10, size=(40, 56), seed=1, progress=False)
+    (root / "val.txt").write_text("no_such_image\n")  # neither command may read the val split
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--root", str(root), "--model", "fcn_resnet18", "--weights-backbone",
+                 "none", "--holdout", "0.4", "--iterations", "1", "--batch-size", "2", "--crop", "32x32",
+                 "--amp", "none", "--channels-last", "false", "--workers", "0", "--no-progress",
+                 "--out", str(run)]) == 0
+    out = tmp_path / "holdout.json"
+    assert main(["eval", str(run / "last.pt"), "--split", "train", "--holdout", "0.4", "--amp", "none",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    report, trained = json.loads(out.read_text()), json.loads((run / "metrics.json").read_text())
+    held = holdout_split(len(build_dataset("folder", root, "train")), 0.4)[1]
+    assert report["num_images"] == len(held) and report["holdout"] == 0.4
+    assert f"{len(held)} images held out of train (0.4)" in capsys.readouterr().out
+    # The training run's final validation was on the same held-out images, predicted the same way.
+    assert report["miou"] == pytest.approx(trained["miou"], abs=1e-9)
+    assert report["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-9, nan_ok=True)

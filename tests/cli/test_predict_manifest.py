@@ -12,7 +12,8 @@ from PIL import Image
 
 from fcnseg import fcn_resnet18
 from fcnseg.cli import main
-from fcnseg.cli.predict import Manifest, output_names
+from fcnseg.inference.inputs import output_names
+from fcnseg.inference.manifest import Manifest
 from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +54,8 @@ def test_same_stems_get_distinct_names_and_the_manifest_lists_every_input(checkp
     assert len(_records(out)) == 4
     by_input = {r["input"]: r for r in _records(out)}
     assert by_input[str(a.resolve())] == {"input": str(a.resolve()), "outputs": ["x.png", "x_overlay.png"],
-                                          "size": [24, 40], "status": "ok", "error": None}
+                                          "size": [24, 40], "status": "ok", "error": None,
+                                          "bytes": [(out / n).stat().st_size for n in ("x.png", "x_overlay.png")]}
     assert by_input[str(b.resolve())]["outputs"] == ["x-2.png", "x-2_overlay.png"]
     assert by_input[str(b.resolve())]["size"] == [30, 20]
     broken = by_input[str((tmp_path / "broken.png").resolve())]

@@ -1,5 +1,7 @@
-"""experiments/: the table writer on fake metrics, and Q1's quick mode end to end on CamVid
-(skipped runs, a resumed run, a refused folder). `pytest -m slow` runs every table through subprocesses."""
+"""experiments/: the table writer on fake metrics, every dry-run command, Q1's quick mode end to end on
+CamVid (skipped runs, a resumed run, a refused folder), and Q6 + Q7 quick (options scored on a holdout of
+train, the choice, the recipe trained on all of train). `pytest -m slow` runs every table through
+subprocesses."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,8 @@ from tests.conftest import REPO_ROOT, require_shared  # noqa: E402  (importlib m
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 import run as experiments  # noqa: E402
 from tables import Row, format_seconds, markdown_table, write_table  # noqa: E402
+
+from fcnseg.models.fcn import VARIANTS  # noqa: E402
 
 
 def fake_metrics(miou: float, iou: list[float | None]) -> dict:
@@ -45,8 +49,35 @@ def test_dry_run_prints_every_command(tmp_path, capsys):
     assert experiments.main(["all", "--dry-run", "--out", str(tmp_path / "x"), "--root", str(tmp_path),
                              "--weights", str(tmp_path / "w.pth")]) == 0
     out = capsys.readouterr().out
-    assert out.count("fcnseg train ") == 6 + 6 + 5 + 2 + 2 and out.count("fcnseg eval ") == 8
+    # Q1-Q5 as before; Q6: 7 MobileNetV2 rows (8 once fcnseg has FCN-4s) and the baseline's two holdout
+    # evaluations; Q7: 2 bodies x 2 seeds, each with its val evaluation with test-time augmentation.
+    q6_rows = 8 if "4s" in VARIANTS else 7
+    assert out.count("fcnseg train ") == 6 + 6 + 5 + 2 + 2 + q6_rows + 4 and out.count("fcnseg eval ") == 8 + 2 + 4
     assert out.count("fcnseg tune ") == 1 and not (tmp_path / "x").exists()
+    tune = next(line for line in out.splitlines() if line.startswith("fcnseg tune "))
+    assert " --holdout 0.2 " in tune and tune.endswith("q4/tune-holdout")
+    q6 = out[out.index("=== q6"):out.index("=== q7")].splitlines()
+    assert sum(" --holdout 0.2 " in line for line in q6 if line.startswith("fcnseg train ")) == q6_rows
+    assert all("--split train --holdout 0.2" in line for line in q6 if line.startswith("fcnseg eval "))
+    q7 = out[out.index("=== q7"):].splitlines()
+    trains = [line for line in q7 if line.startswith("fcnseg train ")]
+    assert not any("--holdout" in line for line in q7) and all("--iterations 3" in line for line in trains)
+    assert [line.split("--seed ")[1].split()[0] for line in trains] == ["0", "1", "0", "1"]
+    assert "--model fcn_mobilenet_v2" in trains[0] and "--lr 0.02 " in trains[0] and "--warmup-iters 100 " in trains[0]
+    assert "--model fcn_resnet18" in trains[2] and "--lr 0.03 " in trains[2] and "--iterations 3800 " in trains[2]
+
+
+def test_q6_budget_recommended_trains_the_rows_with_the_recommended_runs_budget(tmp_path, capsys):
+    assert experiments.main(["q6", "--dry-run", "--budget", "recommended", "--bodies", "resnet18", "mobilenet_v2",
+                             "--out", str(tmp_path / "x"), "--root", str(tmp_path), "--weights", str(tmp_path / "w.pth")]) == 0
+    trains = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fcnseg train ")]
+    # MobileNetV2's budget already has the larger crops and scales (no rows for them); ResNet-18's has
+    # 360x480 crops but scale 0.75-1.75, so it keeps the multi-scale row.
+    extra = 1 if "4s" in VARIANTS else 0
+    assert len(trains) == (6 + extra) + (5 + extra)
+    assert all("--crop 360x480 " in line and "--holdout 0.2 " in line for line in trains)
+    assert sum("--iterations 3800 " in line for line in trains) == 6 + extra
+    assert sum("--iterations 3600 " in line for line in trains) == 5 + extra
 
 
 def test_q1_quick_end_to_end_skips_and_resumes(tmp_path, capsys):
@@ -83,6 +114,53 @@ def test_q1_quick_end_to_end_skips_and_resumes(tmp_path, capsys):
     (run_dir / "experiment.json").write_text(json.dumps(spec))
     assert experiments.main(["q1", "--quick", "--out", str(out)]) == 1
     assert "holds a run of another command" in capsys.readouterr().err
+
+
+def test_q6_q7_quick_choose_on_the_holdout_then_train_on_all_of_train(tmp_path):
+    require_shared("camvid")
+    require_shared("weights/mobilenet_v2_imagenet_features.pth")
+    out = tmp_path / "experiments"
+    assert experiments.main(["q6", "q7", "--quick", "--out", str(out)]) == 0
+    q6 = json.loads((out / "q6" / "table.json").read_text())
+    assert len(q6["rows"]) == (8 if "4s" in VARIANTS else 7) and "holdout" in q6["caption"]
+    for row in q6["rows"]:  # each row validated on 2 training images held out of training, not on val
+        run_dir = REPO_ROOT / row["run"]
+        assert "--holdout 0.2" in " ".join(row["command"]) and "--split" not in row["command"]
+        assert "validating on 2 images held out of the training split (0.2)" in (run_dir / "train.log").read_text()
+    # fcnseg eval --split train --holdout 0.2 scores the images the runs validated on: its plain pass
+    # repeats the run's final validation.
+    evals = q6["extra_tables"][0]["rows"]
+    trained = {r["label"].split(", FCN-8s, ")[1]: r["metrics"]["miou"] for r in q6["rows"]}
+    plain = [r for r in evals if r["label"].endswith("one padded pass")]
+    assert plain and len(evals) == 2 * len(plain)
+    for r in plain:
+        assert r["metrics"]["miou"] == pytest.approx(trained[r["label"].split(", ", 1)[1].split(":")[0]], abs=1e-6)
+
+    # The choice, by the rule written in the notes, recomputed from the table.
+    base = trained["cross-entropy (baseline)"]
+    losses = {k: v for k, v in trained.items() if k.startswith(("cross-entropy +", "OHEM"))}
+    best_loss = max(losses, key=losses.get)
+    tta = [(p["metrics"]["miou"], t["metrics"]["miou"]) for p, t in zip(evals[::2], evals[1::2])]
+    tta_adopted = all(b >= a + 0.005 - 1e-9 for a, b in tta)
+    q7 = json.loads((out / "q7" / "table.json").read_text())
+    commands = [" ".join(r["command"]) for r in q7["rows"]]
+    trains = [c for c in commands if c.startswith("train ")]
+    assert len(trains) == 2 and len(q7["rows"]) == (4 if tta_adopted else 2)
+    assert [c.split("--seed ")[1].split()[0] for c in trains] == ["0", "1"]
+    assert not any("--holdout" in c for c in commands)
+    loss_args = {"cross-entropy + median-frequency class weights": "--class-weights median-frequency",
+                 "OHEM (cross-entropy on the hardest pixels)": "--loss ohem",
+                 "cross-entropy + Lovasz-softmax": "--loss ce+lovasz", "cross-entropy + Dice": "--loss ce+dice"}
+    for loss, args in loss_args.items():
+        assert all((args in c) == (loss == best_loss and losses[loss] >= base + 0.005 - 1e-9) for c in trains)
+    crop_adopted = trained["larger crops (96x128)"] >= base + 0.005 - 1e-9
+    assert all(("--crop 96x128" if crop_adopted else "--crop 64x96") in c for c in trains)
+    md = (out / "q7" / "table.md").read_text()
+    assert "Targets (issue 22" in md and "Quick check only" in md and "curves.png" in md
+    mious = [r["metrics"]["miou"] for r in q7["rows"] if r["label"].endswith("one padded pass")]
+    spread = next(line for line in md.splitlines() if line.startswith("| MobileNetV2 | one padded pass"))
+    assert f"| {100 * sum(mious) / 2:.1f} ({100 * min(mious):.1f}-{100 * max(mious):.1f}) |" in spread
+    assert (out / "RESULTS.md").read_text().count("### Q6.") == 1
 
 
 @pytest.mark.slow

@@ -1,14 +1,16 @@
 """torch.distributed helpers: a single-process context without torchrun's environment; a real
-2-process gloo group (two forked processes) where `all_reduce_mean` averages, `barrier` waits for the
+2-process gloo group (two child processes running this file) where `all_reduce_mean` averages, `barrier` waits for the
 slower rank, and `evaluate(reduce_across_ranks=True)` sums the ranks' confusion matrices."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,9 +47,11 @@ def test_context_properties():
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    """One rank of the job, in a forked child (torch is already imported: no start-up cost)."""
+    """One rank of the job, in a child process (`python this_file.py RANK PORT OUT`: not a fork of the
+    test process, which may hold threads of other libraries, JAX's among them, that a fork would copy
+    half-locked)."""
     try:
-        torch.set_num_threads(1)  # no OpenMP pool in a forked child
+        torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE="2")
         ctx = setup_distributed("cpu")
@@ -98,23 +102,20 @@ def _local_evaluation(rank: int):
     return matrix, float(loss_sum), int(keep.sum())
 
 
-@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")
 def test_two_gloo_processes_average_wait_and_reduce(tmp_path):
     port = _free_port()
-    context = multiprocessing.get_context("fork")
     outs = [tmp_path / f"rank{rank}.json" for rank in range(2)]
-    procs = [context.Process(target=_worker, args=(rank, port, str(out))) for rank, out in enumerate(outs)]
-    for proc in procs:
-        proc.start()
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__)), str(rank), str(port), str(out)])
+             for rank, out in enumerate(outs)]
     try:
         for proc in procs:
-            proc.join(timeout=60)
+            proc.wait(timeout=120)
     finally:
         for proc in procs:
-            if proc.is_alive():
+            if proc.poll() is None:
                 proc.kill()
-                proc.join()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [0, 0]
     results = [json.loads(out.read_text()) for out in outs]
     for result in results:
         assert "error" not in result, result["error"]
@@ -133,3 +134,7 @@ def test_two_gloo_processes_average_wait_and_reduce(tmp_path):
     for r in results:
         assert r["matrix"] == (m0 + m1).tolist()
         assert r["loss"] == pytest.approx((l0 + l1) / (c0 + c1), rel=1e-6)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -28,6 +28,8 @@ SUBCOMMANDS = [
     "download",
     "make_synthetic",
     "tune",
+    "serve",
+    "report",
     "info",
 ]
 

@@ -20,11 +20,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Computes pixel accuracy, mean accuracy, mean IoU and frequency-weighted IoU (void pixels "
                     "excluded) of a checkpoint on a dataset split; writes them as JSON with a confusion-matrix PNG. "
                     "Without --dataset and --root, the dataset the checkpoint was trained on is used.")
-    p.add_argument("checkpoint", help="a checkpoint written by fcnseg train")
+    p.add_argument("checkpoint", metavar="CKPT|MODEL_DIR",
+                   help="a checkpoint written by fcnseg train, or a model folder (fcnseg export --format hf)")
     p.add_argument("--dataset", choices=("voc2012", "camvid", "folder"),
                    help="dataset kind (default: the one in the checkpoint's training config)")
     p.add_argument("--root", help="dataset root folder (default: the one in the checkpoint's training config)")
     options.add_data_options(p, split="val")
+    p.add_argument("--holdout", type=options.positive_float, metavar="F",
+                   help="only the images `fcnseg train --holdout F` held out of --split (pass --split train): "
+                        "scores a run on its holdout, without reading the split it is reported on")
     options.add_flag(p, "--border-as-background", help="VOC: read the void border around objects as background "
                      "(the chapter's reading) or leave it void and ignored (default: as the checkpoint's training run "
                      "read it, so a checkpoint gets the number its run reported)")
@@ -44,15 +48,16 @@ def run(args: argparse.Namespace) -> int:
     from fcnseg.evaluation import evaluate_checkpoint, write_report
     from fcnseg.inference.windows import check_window
     from fcnseg.metrics import format_metrics_table
-    from fcnseg.models.checkpoint import load_checkpoint
+    from fcnseg.models.checkpoint import check_checkpoint_path, load_checkpoint
     from fcnseg.runtime import select_device
 
-    checkpoint_path = options.check_input_file(args.checkpoint, "checkpoint")
+    checkpoint_path = check_checkpoint_path(args.checkpoint)
     out = options.check_output_file(args.out)
     options.check_output_file(out.with_suffix(".confusion.png"), "--out's confusion-matrix PNG")
     device = select_device(args.device)
     config = _training_config(load_checkpoint(checkpoint_path))
     dataset, root = _dataset_and_root(args, config)
+    _check_holdout(args, config)
     window = None
     if args.mode == "sliding":
         window = args.window or tuple(config.get("crop") or (320, 480))
@@ -63,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
                                      stride=args.stride, flip=args.flip, scales=tuple(args.scales),
                                      batch_size=args.batch_size, device=device,
                                      amp=args.amp, workers=args.workers, max_images=args.max_images,
-                                     progress=args.progress, border_as_background=args.border_as_background)
+                                     progress=args.progress, border_as_background=args.border_as_background,
+                                     holdout=args.holdout or 0.0)
     border = f"; {report.border}" if report.border else ""
     scales = f" + scales {' '.join(f'{s:g}' for s in args.scales)}" if tuple(args.scales) != (1.0,) else ""
-    print(f"{report.num_images} images, {args.mode} mode{' + flip' if args.flip else ''}{scales}{border}")
+    held = f" held out of {args.split} ({args.holdout:g})" if args.holdout else ""
+    print(f"{report.num_images} images{held}, {args.mode} mode{' + flip' if args.flip else ''}{scales}{border}")
     print(format_metrics_table(report.metrics, report.classes))
     path = write_report(report, out)
     print(f"wrote {path} and {path.with_suffix('.confusion.png')}")
@@ -77,6 +84,22 @@ def _training_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The training config a checkpoint records (dataset, root, crop), or {} for one without."""
     config = checkpoint.get("config")
     return config if isinstance(config, dict) else {}
+
+
+def _check_holdout(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """Refuses a ``--holdout`` outside (0, 1), or of another split than the one the checkpoint trained on.
+
+    Raises:
+        OptionError: naming the value and the split to pass.
+    """
+    if args.holdout is None:
+        return
+    if not args.holdout < 1:
+        raise OptionError(f"--holdout must be a fraction of the split, 0 < F < 1, got {args.holdout:g}")
+    train_split = config.get("train_split", "train")
+    if args.split != train_split:
+        raise OptionError(f"--holdout selects images held out of the training split; pass --split {train_split} "
+                          f"(got --split {args.split})")
 
 
 def _dataset_and_root(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, Path]:

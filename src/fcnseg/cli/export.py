@@ -17,8 +17,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Writes an ONNX model (input 'image' (N, 3, H, W) normalised, output 'logits' (N, C, H, W), "
                     "N, H and W dynamic) with the class names, colours, mean and std in its metadata, after "
                     "checking that onnxruntime matches PyTorch on random inputs of each --sizes.")
-    p.add_argument("checkpoint", help="a checkpoint written by fcnseg train")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="only onnx for now")
+    p.add_argument("checkpoint", help="a checkpoint written by fcnseg train, or a model folder")
+    p.add_argument("--format", choices=("onnx", "hf"), default="onnx",
+                   help="onnx: an ONNX model; hf: a model folder in the Hugging Face convention (--out DIR gets "
+                        "model.safetensors, config.json and a README.md model card)")
+    p.add_argument("--license", default="unknown", metavar="ID",
+                   help="with --format hf: the model card's licence id (mit, apache-2.0, cc-by-4.0, other...)")
     p.add_argument("--out", help="the .onnx file (default: the checkpoint's path with .onnx)")
     p.add_argument("--opset", type=options.positive_int, default=DEFAULT_OPSET, help="ONNX opset (dynamo needs 18+)")
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
@@ -32,21 +36,75 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_flag(p, "--static", default=False,
                      help="fix the input to 1x3x(first size) instead of dynamic N, H, W")
     options.add_flag(p, "--verify", default=True, help="check parity with PyTorch in onnxruntime")
+    options.add_flag(p, "--int8", default=False,
+                     help="write an INT8 model statically quantised with onnxruntime (needs --calibration); "
+                          "run it with fcnseg.inference.onnx_engine.onnx_segmenter (docs/ENGINES.md)")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="with --int8: a folder of images like those the model will segment")
+    p.add_argument("--calibration-images", type=options.positive_int, default=64, metavar="N",
+                   help="with --int8: how many of the folder's images calibrate (spread over the folder)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fcnseg.export.onnx import export_onnx
+    from fcnseg.models.checkpoint import check_checkpoint_path
 
-    checkpoint = options.check_input_file(args.checkpoint, "checkpoint")
+    checkpoint = check_checkpoint_path(args.checkpoint)
+    if args.format == "hf" and not args.int8:
+        return _run_model_folder(args, checkpoint)
     if args.exporter == "dynamo" and args.opset < 18:
         raise OptionError(f"--opset {args.opset}: the dynamo exporter writes opset 18 or later; "
                           "give --opset 18 or more, or --exporter legacy")
+    if args.int8:
+        return _run_int8(args, checkpoint)
+    if args.calibration is not None:
+        raise OptionError("--calibration calibrates an INT8 export: add --int8")
     out = options.check_output_file(Path(args.out) if args.out else checkpoint.with_suffix(".onnx"))
     print(f"exporting {checkpoint} with the {args.exporter} exporter (opset {args.opset})...", flush=True)
     report = export_onnx(checkpoint, out, opset=args.opset, dynamic=not args.static, verify=args.verify,
                          sizes=args.sizes, exporter=args.exporter, tolerance=args.tolerance)
     print(format_report(report))
+    return 0
+
+
+def _run_int8(args: argparse.Namespace, checkpoint: Path) -> int:
+    """``--int8``: the float32 export, checked, then statically quantised on the calibration images."""
+    from fcnseg.export.int8 import calibration_files, export_int8
+
+    if args.format != "onnx":
+        raise OptionError(f"--int8 writes ONNX; it does not apply to --format {args.format}")
+    if args.calibration is None:
+        raise OptionError("--int8 needs --calibration DIR: a folder of images like those you will segment")
+    calibration_files(args.calibration, args.calibration_images)  # a usage error before the export's work
+    default = checkpoint.with_name(checkpoint.stem + "_int8.onnx")
+    out = options.check_output_file(Path(args.out) if args.out else default)
+    print(f"exporting {checkpoint} to INT8, calibrated on up to {args.calibration_images} images of "
+          f"{args.calibration}...", flush=True)
+    report = export_int8(checkpoint, out, args.calibration, calibration_images=args.calibration_images,
+                         exporter=args.exporter, opset=args.opset, verify=args.verify, sizes=args.sizes,
+                         tolerance=args.tolerance, dynamic=not args.static)
+    print(format_report(report["fp32"]).replace(f"wrote {report['fp32']['path']}", "float32 model", 1))
+    unreadable = f" ({report['unreadable']} unreadable skipped)" if report["unreadable"] else ""
+    print(f"wrote {report['path']}: INT8 (QDQ, per-channel weights), calibrated on {report['calibration_images']} "
+          f"images{unreadable}; {report['int8_bytes'] / 1e6:.1f} MB (float32 {report['fp32_bytes'] / 1e6:.1f} MB); "
+          f"same class as float32 on {100 * report['agreement']:.2f}% of the calibration pixels")
+    return 0
+
+
+def _run_model_folder(args: argparse.Namespace, checkpoint: Path) -> int:
+    """``--format hf``: model.safetensors, config.json and README.md in the folder --out."""
+    from fcnseg.export.model_folder import export_model_folder
+
+    if args.calibration is not None:
+        raise OptionError("--calibration calibrates an INT8 ONNX export; it does not apply to --format hf")
+    out = options.check_output_folder(Path(args.out) if args.out else checkpoint.with_suffix(""))
+    if out.resolve() == checkpoint.resolve():
+        raise OptionError(f"--out {out} is the model folder being exported; give another folder")
+    report = export_model_folder(checkpoint, out, license=args.license)
+    print(f"wrote {report['path']}: {', '.join(report['files'])} ({report['num_classes']} classes, "
+          f"{report['parameters'] / 1e6:.2f} M parameters); load it with Segmenter.from_pretrained"
+          f"(\"{report['path']}\") or pass the folder to any fcnseg command that takes a checkpoint")
     return 0
 
 

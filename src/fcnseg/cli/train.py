@@ -43,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     add_config_options(p)
+    p.add_argument("--backend", choices=("torch", "jax"), default="torch",
+                   help="torch, or jax: the optimiser steps in JAX/Flax (pip install 'fcnseg[jax]'; docs/JAX.md)")
     p.set_defaults(func=run_train)
 
 
@@ -185,9 +187,23 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     check_paths(config)
     keep_freed_memory()  # speed only: large tensors reuse freed memory instead of new pages
-    result = train(config, progress=args.progress)
+    if getattr(args, "backend", "torch") == "jax":
+        result = _train_jax(config, progress=args.progress)
+    else:
+        result = train(config, progress=args.progress)
     is_rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     if is_rank0 and result.final_metrics is not None and (result.out_dir / "metrics.json").exists():
         print(f"done in {result.train_seconds:.0f} s: best mIoU {result.best_miou:.4f}; "
               f"checkpoints {result.last_checkpoint}, {result.best_checkpoint}; curves {result.out_dir / 'curves.png'}")
     return 0
+
+
+def _train_jax(config: TrainConfig, *, progress: bool):
+    """`fcnseg.jax_backend.train.train_jax`, or a usage error naming the extra when JAX is not installed."""
+    from fcnseg.errors import OptionError
+
+    try:
+        from fcnseg.jax_backend.train import train_jax
+    except ModuleNotFoundError as err:
+        raise OptionError(f"--backend jax needs the package {err.name!r}: pip install 'fcnseg[jax]'") from None
+    return train_jax(config, progress=progress)

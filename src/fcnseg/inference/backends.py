@@ -5,18 +5,21 @@ An engine is a callable from a normalised batch ``(N, 3, H, W)`` float32 to logi
 calls it for whole images and for windows alike, so every engine gets whole-image, sliding-window
 and flip prediction for free. "torch" is the model itself (optionally `torch.compile`d); other
 engines (ONNX Runtime, OpenVINO, JAX) register a factory here from their own modules, which import
-their optional packages only when built.
+their optional packages only when built. "auto" picks the fastest installed engine for the
+segmenter's precision by the measured order `AUTO_ORDER` (docs/ENGINES.md).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from fcnseg.errors import OptionError
+from fcnseg.errors import FcnsegError, OptionError
 
 Engine = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,8 +46,25 @@ Factory = Callable[[EngineRequest], Engine]
 
 # name -> "module:function" of its factory; imported on first use so that optional engines cost
 # nothing until asked for. Extras name the pip extra that installs what the engine needs.
-_FACTORIES: dict[str, str] = {"torch": "fcnseg.inference.backends:torch_engine"}
-_EXTRAS: dict[str, str] = {}
+_FACTORIES: dict[str, str] = {
+    "torch": "fcnseg.inference.backends:torch_engine",
+    "auto": "fcnseg.inference.backends:auto_engine",
+    "onnxruntime": "fcnseg.inference.onnx_engine:onnxruntime_engine",
+    "openvino": "fcnseg.inference.openvino_engine:openvino_engine",
+    "jax": "fcnseg.jax_backend.engine:jax_engine",
+}
+_EXTRAS: dict[str, str] = {"onnxruntime": "onnxruntime", "openvino": "openvino", "jax": "jax"}
+# The package each optional engine imports: "auto" considers an engine installed when it is found.
+_PACKAGES: dict[str, str] = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+# "auto": per precision the engines in order of speed on the CPU, the first installed one wins.
+# The order is the measurement of benchmarks/bench_engines.py (docs/ENGINES.md): the recommended
+# CamVid model (MobileNetV2 FCN-8s, 360x480, batch 1) on 2 cores with native bf16.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "float32": ("openvino", "torch"),
+    "bfloat16": ("openvino", "torch"),
+    "float16": ("torch",),
+}
 
 
 def register_backend(name: str, factory: str, extra: str | None = None) -> None:
@@ -76,6 +96,32 @@ def make_engine(name: str, request: EngineRequest) -> Engine:
         extra = _EXTRAS.get(name, name)
         raise OptionError(f"backend {name!r} needs the package {err.name!r}: "
                           f"pip install 'fcnseg[{extra}]'") from None
+
+
+def auto_choice(device: torch.device, dtype: torch.dtype | None) -> str:
+    """The engine "auto" builds: the first installed engine of `AUTO_ORDER` for the precision on the
+    CPU; "torch" on GPUs (the other engines run on the CPU only here) and when none is installed."""
+    if device.type != "cpu":
+        return "torch"
+    precision = str(dtype or torch.float32).removeprefix("torch.")
+    for name in AUTO_ORDER.get(precision, ("torch",)):
+        if name == "torch" or importlib.util.find_spec(_PACKAGES.get(name, name)) is not None:
+            return name
+    return "torch"
+
+
+def auto_engine(request: EngineRequest) -> Engine:
+    """The "auto" engine: `auto_choice`'s engine, or "torch" (after a one-line warning) when that
+    engine cannot take the model (a model the ONNX exporter cannot export)."""
+    name = auto_choice(request.device, request.dtype)
+    if name == "torch":
+        return torch_engine(request)
+    try:
+        return make_engine(name, request)
+    except FcnsegError as err:
+        warnings.warn(f"backend 'auto': {name} cannot run this model ({err}); using torch", RuntimeWarning,
+                      stacklevel=2)
+        return torch_engine(request)
 
 
 def torch_engine(request: EngineRequest) -> Engine:

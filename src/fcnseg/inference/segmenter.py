@@ -22,6 +22,7 @@ from fcnseg.inference.backends import EngineRequest, make_engine
 from fcnseg.inference.windows import DEFAULT_WINDOW, MODES, Mode, Size, check_window, predict_sliding, predict_whole
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.models.inference_form import inference_form
+from fcnseg.models.model_folder import resolve_model_folder
 from fcnseg.runtime import resolve_amp_dtype, select_device
 
 
@@ -121,7 +122,7 @@ class Segmenter:
         """Builds the model a checkpoint describes, with its classes, colours and normalisation.
 
         Args:
-            checkpoint: a path or an already loaded checkpoint dict.
+            checkpoint: a checkpoint file, a model folder (`from_pretrained`), or a loaded checkpoint dict.
             device: as in `Segmenter`.
             **options: ``mode``, ``window``, ``stride``, ``flip``, ``batch_size``, ``amp`` ("auto"
                 by default, as in `Segmenter`), ``dtype``, ``optimize``, ``backend``, ``compile``.
@@ -134,6 +135,41 @@ class Segmenter:
         model = model_from_checkpoint(checkpoint)
         return cls(model, checkpoint["classes"], checkpoint["colors"], checkpoint["mean"], checkpoint["std"],
                    device, ignore_index=checkpoint["ignore_index"], **options)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        device: str | torch.device | None = None,
+        **options,
+    ) -> "Segmenter":
+        """Loads a model folder (``fcnseg export CKPT --format hf``): a local folder, or a Hugging Face
+        Hub repository ``"owner/name"`` (downloaded once into the Hugging Face cache; needs
+        ``pip install 'fcnseg[hub]'``). Only safetensors and JSON are read: loading runs no code.
+
+        Args:
+            name_or_path: a model folder (or a checkpoint file), or a Hub repository id.
+            revision: the Hub branch, tag or commit (default: the main branch).
+            cache_dir: the Hugging Face cache (default: ``HF_HUB_CACHE``, ~/.cache/huggingface/hub).
+            local_files_only: use the cache only, never the network (as ``HF_HUB_OFFLINE=1``).
+            device, **options: as in `from_checkpoint`.
+
+        Raises:
+            CheckpointError: no such folder, or a folder that is not a model folder (naming the file
+                it lacks).
+            WeightsError: the repository is neither reachable nor cached; the message says how to
+                provide the folder instead.
+
+        Example:
+            >>> segmenter = Segmenter.from_pretrained("models/camvid-fcn8s")
+        """
+        folder = resolve_model_folder(name_or_path, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only)
+        return cls.from_checkpoint(load_checkpoint(folder), device, **options)
 
     @property
     def num_classes(self) -> int:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-from fcnseg.errors import CheckpointError
+from fcnseg.errors import CheckpointError, OptionError
 from fcnseg.models.fcn import build_model
+from fcnseg.models.model_folder import missing_files, read_model_folder
 from fcnseg.runtime import atomic_write
 
 FORMAT = "fcnseg-checkpoint"
@@ -77,13 +78,34 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path
     return atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Reads and validates a checkpoint without running pickled code (``weights_only=True``).
+def check_checkpoint_path(path: str | os.PathLike) -> Path:
+    """``path`` as a checkpoint file or a model folder that exists, before any reading (the check a
+    command makes before its work starts).
 
     Raises:
-        CheckpointError: missing, truncated, not a checkpoint, or one from another program.
+        OptionError: nothing at ``path``, or a folder that is not a model folder (naming the file it lacks).
     """
     path = Path(path)
+    if not path.exists():
+        raise OptionError(f"checkpoint not found: {path}")
+    missing = missing_files(path) if path.is_dir() else []
+    if missing:
+        raise OptionError(f"checkpoint {path} is a folder but not a model folder: it has no "
+                          f"{' and no '.join(missing)} (fcnseg export CKPT --format hf --out DIR writes one)")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads and validates a checkpoint file without running pickled code (``weights_only=True``), or
+    a model folder (`fcnseg.models.model_folder`: safetensors and JSON, no code either).
+
+    Raises:
+        CheckpointError: missing, truncated, not a checkpoint, or one from another program; a folder
+            that is not a complete model folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return read_model_folder(path, map_location)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

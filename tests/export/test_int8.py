@@ -1,0 +1,138 @@
+"""INT8 export: a QDQ model calibrated on a folder of images, runnable as a Segmenter, metadata kept;
+calibration mistakes are usage errors and leave no file; the CLI's --int8."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fcnseg import fcn_mobilenet_v2
+from fcnseg.cli import main
+from fcnseg.errors import UsageError
+from fcnseg.inference.segmenter import Segmenter
+from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
+from tests.conftest import tiny_fcn
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime.quantization")
+
+from fcnseg.export.int8 import calibration_files, export_int8  # noqa: E402
+from fcnseg.inference.onnx_engine import onnx_segmenter  # noqa: E402
+
+CLASSES = ["background", "thing", "stuff"]
+COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model():
+    net = tiny_fcn("8s", seed=1)
+    with torch.no_grad():  # zero biases: the tiny FCN then predicts all three classes, not one
+        for name, param in net.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+    return net
+
+
+def _photo(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([yy * 255 / (height - 1), xx * 255 / (width - 1), (yy + xx) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calibration")
+    for index in range(6):
+        Image.fromarray(_photo(64, 96, seed=index)).save(folder / f"frame{index}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8_file(calibration, tmp_path_factory):
+    path = tmp_path_factory.mktemp("int8") / "tiny_int8.onnx"
+    report = export_int8(_model(), path, calibration, calibration_images=4, exporter="legacy", classes=CLASSES,
+                         colors=COLORS, sizes=[(64, 96)])
+    return path, report
+
+
+def test_int8_file_is_quantised_and_keeps_the_metadata(int8_file):
+    path, report = int8_file
+    model = onnx.load(str(path))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert int8_weights  # convolution weights stored as int8
+    metadata = {entry.key: json.loads(entry.value) for entry in model.metadata_props}
+    assert metadata["classes"] == CLASSES and metadata["colors"] == [list(c) for c in COLORS]
+    assert metadata["quantization"]["format"] == "QDQ"
+    assert report["calibration_images"] == 4 and report["unreadable"] == 0
+    assert report["int8_bytes"] == path.stat().st_size
+
+
+def test_int8_segmenter_agrees_with_float32(int8_file, calibration):
+    path, report = int8_file
+    reference = Segmenter(_model(), CLASSES, COLORS, device="cpu", amp="none")
+    images = [_photo(64, 96, seed=index) for index in range(6)] + [_photo(70, 90, seed=9)]
+    for backend in ("onnxruntime", "openvino"):
+        if backend == "openvino":
+            pytest.importorskip("openvino")
+        segmenter = onnx_segmenter(path, backend=backend)
+        agreement = np.mean([np.mean(a == b) for a, b in zip(segmenter.predict(images), reference.predict(images))])
+        assert agreement > 0.9, backend
+    # The report's agreement (INT8 against the float32 ONNX model, on the calibration images) is
+    # what the float32 PyTorch model measures too, up to the ONNX export's ~1e-6.
+    files = calibration_files(calibration, 4)
+    int8_preds = onnx_segmenter(path).predict([str(f) for f in files[:8]])
+    torch_preds = reference.predict([str(f) for f in files[:8]])
+    measured = np.mean(np.concatenate([(a == b).ravel() for a, b in zip(int8_preds, torch_preds)]))
+    assert abs(measured - report["agreement"]) < 0.005
+    assert len(np.unique(np.stack(torch_preds))) == 3  # not a constant map
+
+
+def test_calibration_files_are_spread_over_the_folder(tmp_path):
+    for index in range(10):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / f"{index:02d}.png")
+    assert [p.name for p in calibration_files(tmp_path, 4)] == ["00.png", "03.png", "06.png", "09.png"]
+    assert len(calibration_files(tmp_path, 50)) == 10
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "unreadable"])
+def test_calibration_mistakes_are_usage_errors_and_write_nothing(tmp_path, case):
+    folder = tmp_path / "calibration"
+    if case == "file":
+        folder.write_text("x")
+    elif case in ("empty", "unreadable"):
+        folder.mkdir()
+        (folder / "readme.txt").write_text("no images here")
+        if case == "unreadable":
+            (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "model_int8.onnx"
+    message = {"missing": "does not exist", "file": "is not a folder", "empty": "holds no images",
+               "unreadable": "none of the 1 calibration images can be read"}[case]
+    with pytest.raises(UsageError, match=message):
+        export_int8(_model(), out, folder, exporter="legacy", sizes=[(64, 96)])
+    assert not out.exists() and list(tmp_path.iterdir()) == ([folder] if case != "missing" else [])
+
+
+def test_cli_int8(tmp_path, calibration, capsys):
+    torch.manual_seed(0)  # a registered model: a checkpoint records its builder
+    model = fcn_mobilenet_v2(variant="8s", num_classes=3, weights_backbone=None)
+    checkpoint = save_checkpoint(make_checkpoint(model, classes=CLASSES, colors=COLORS), tmp_path / "tiny.pt")
+    out = tmp_path / "tiny_int8.onnx"
+    assert main(["export", str(checkpoint), "--int8", "--calibration", str(calibration), "--calibration-images", "3",
+                 "--exporter", "legacy", "--sizes", "64x96"]) == 0
+    assert out.exists() and "calibrated on 3 images" in capsys.readouterr().out
+    assert main(["export", str(checkpoint), "--int8", "--out", str(tmp_path / "a.onnx")]) == 2
+    assert "--int8 needs --calibration DIR" in capsys.readouterr().err
+    assert main(["export", str(checkpoint), "--calibration", str(calibration), "--out", str(tmp_path / "b.onnx")]) == 2
+    assert "add --int8" in capsys.readouterr().err
+    assert main(["export", str(checkpoint), "--int8", "--calibration", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "c.onnx")]) == 2
+    assert "calibration folder" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("a.onnx", "b.onnx", "c.onnx"))
