@@ -73,6 +73,28 @@ def test_equal_sizes_share_passes_and_outputs_match_the_segmenter(segmenter, tmp
     assert all(r["status"] == "ok" for r in records) and records[5]["size"] == [40, 24]
 
 
+def test_without_overlays_only_label_maps_are_written_and_asking_for_them_later_redoes_the_run(segmenter, tmp_path):
+    # an input whose stem ends like an overlay's: its label map must not be taken for one
+    photos = _photos(tmp_path / "in", [(32, 48)] * 2)
+    photos.append(photos[1].rename(tmp_path / "in" / "q_overlay.png"))
+    photos.pop(1)
+    out = tmp_path / "out"
+    result = predict_files(segmenter, [tmp_path / "in"], out, overlay=False, grid=True, report=pytest.fail)
+    assert result.ok == 2
+    assert sorted(p.name for p in out.glob("*.png")) == ["p00.png", "p00_grid.png", "q_overlay.png",
+                                                         "q_overlay_grid.png"]
+    expected = segmenter.predict([str(p) for p in photos])
+    for path, label in zip(photos, expected):
+        with Image.open(out / f"{path.stem}.png") as written:
+            np.testing.assert_array_equal(np.asarray(written), label)  # the label map, not an overlay
+    assert [r["outputs"] for r in _records(out)] == [["p00.png", "p00_grid.png"],
+                                                     ["q_overlay.png", "q_overlay_grid.png"]]
+    # asking for the overlays now: those inputs are not done, and are redone with them
+    again = predict_files(segmenter, [tmp_path / "in"], out, grid=True, report=pytest.fail)
+    assert (again.ok, again.skipped) == (2, 0)
+    assert (out / "p00_overlay.png").is_file() and (out / "q_overlay_overlay.png").is_file()
+
+
 def test_workers_decode_and_give_the_same_outputs(segmenter, tmp_path):
     _photos(tmp_path / "in", [(32, 48)] * 4)
     predict_files(segmenter, [tmp_path / "in"], tmp_path / "zero")

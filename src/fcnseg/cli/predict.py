@@ -46,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=options.non_negative_int, default=0, metavar="N",
                    help="DataLoader worker processes decoding the images (0: a thread of this process reads ahead)")
     options.add_flag(p, "--grid", default=False, help="also write <stem>_grid.png: image | prediction | ground truth")
+    options.add_flag(p, "--overlay", default=True, help="write <stem>_overlay.png (--no-overlay: the label maps only, "
+                     "the fastest bulk run)")
     p.add_argument("--masks", help="ground truth for the grid (implies --grid): a folder of masks named like "
                                    "the images, or one mask file for a single input")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay, 0 to 1")
@@ -77,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
         segmenter = _load_segmenter(args, device)
         with options.max_pixels(args.max_pixels):
             result = predict_files(segmenter, args.inputs, args.out, workers=args.workers, overwrite=args.overwrite,
-                                   grid=args.grid, masks=args.masks, alpha=args.alpha, frame_masks=args.frame_masks,
-                                   progress=args.progress)
+                                   grid=args.grid, overlay=args.overlay, masks=args.masks, alpha=args.alpha,
+                                   frame_masks=args.frame_masks, progress=args.progress)
     finally:
         cleanup_distributed()
     if context.is_main:

@@ -69,6 +69,7 @@ def predict_files(
     workers: int = 0,
     overwrite: bool = False,
     grid: bool = False,
+    overlay: bool = True,
     masks: str | os.PathLike | None = None,
     alpha: float = 0.5,
     frame_masks: bool = False,
@@ -92,6 +93,7 @@ def predict_files(
         overwrite: redo every input, and replace files earlier runs wrote for other inputs (without
             it such a file is refused with `OptionError`, and finished inputs are skipped).
         grid: also write image | prediction | ground truth figures.
+        overlay: write the colour overlays (False: label maps only, the cheapest run).
         masks: ground truth for the grids (implies ``grid``): a folder of masks named like the
             images, or one mask file.
         alpha: weight of the class colours in the overlays, 0 to 1.
@@ -110,8 +112,9 @@ def predict_files(
         raise OptionError(f"--alpha must be between 0 and 1, got {alpha}")
     rank, world_size = distributed_place()
     mask_source = _mask_source(segmenter, masks)
-    options = BulkOptions(grid or mask_source is not None, mask_source, alpha, frame_masks, workers)
-    plan = plan_run(inputs, Path(out), grid=options.grid, overwrite=overwrite, rank=rank, world_size=world_size)
+    options = BulkOptions(grid or mask_source is not None, mask_source, overlay, alpha, frame_masks, workers)
+    plan = plan_run(inputs, Path(out), grid=options.grid, overlay=overlay, overwrite=overwrite, rank=rank,
+                    world_size=world_size)
     if mask_source is not None and mask_source.path.is_file() and len(plan.files) > 1:
         raise OptionError(f"--masks {mask_source.path} is one file but there are {len(plan.files)} inputs; "
                           "give a folder of masks")
@@ -157,7 +160,7 @@ def _mask_source(segmenter: Predictor, masks: str | os.PathLike | None) -> MaskS
 
 
 def plan_run(inputs: Iterable[str | os.PathLike], out: Path, *, grid: bool, overwrite: bool, rank: int = 0,
-             world_size: int = 1) -> Plan:
+             world_size: int = 1, overlay: bool = True) -> Plan:
     """The run's inputs, outputs and work still to do, after the checks that need no model.
 
     Raises:
@@ -167,7 +170,7 @@ def plan_run(inputs: Iterable[str | os.PathLike], out: Path, *, grid: bool, over
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file; give a folder (a new or an existing one)")
     files, missing = collect_inputs(inputs)
-    names = output_names(files, grid)
+    names = output_names(files, grid, overlay)
     plan = Plan(out, files, missing, names, Manifest(out, rank=rank, world_size=world_size))
     _refuse_overwriting_inputs(plan)
     plan.todo = [f for f in files if overwrite or not _done(plan, f)]

@@ -63,12 +63,14 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
     return list(unique.values()), failures
 
 
-def output_files(name: str, grid: bool) -> list[str]:
-    """The files written for an image whose output name is ``name``: label map, overlay (and grid)."""
-    return [f"{name}{suffix}.png" for suffix in OUTPUT_SUFFIXES[:3 if grid else 2]]
+def output_files(name: str, grid: bool, overlay: bool = True) -> list[str]:
+    """The files written for an image whose output name is ``name``: label map, overlay, grid (each of
+    the last two only when asked for)."""
+    wanted = (True, overlay, grid)
+    return [f"{name}{suffix}.png" for suffix, want in zip(OUTPUT_SUFFIXES, wanted) if want]
 
 
-def output_names(files: list[Path], grid: bool = False) -> dict[Path, list[str]]:
+def output_names(files: list[Path], grid: bool = False, overlay: bool = True) -> dict[Path, list[str]]:
     """The output files of each input (`output_files`), none shared by two inputs.
 
     An input keeps its stem unless one of its files would be another input's (a/x.jpg and b/x.jpg;
@@ -84,7 +86,7 @@ def output_names(files: list[Path], grid: bool = False) -> dict[Path, list[str]]
             k += 1
             name = f"{f.stem}-{k}"
         taken.update(candidate.casefold() for candidate in output_files(name, grid=True))
-        names[f] = [name] if is_video(f) else output_files(name, grid)
+        names[f] = [name] if is_video(f) else output_files(name, grid, overlay)
     return names
 
 
