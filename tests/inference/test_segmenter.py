@@ -143,3 +143,28 @@ def test_from_checkpoint_takes_amp(resnet_model, tmp_path, monkeypatch):
     with torch.inference_mode():
         reference = fp32.model(x)[0].softmax(0).numpy()
     np.testing.assert_allclose(fp32.predict_proba(photo), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_another_engine_computes_while_torch_is_single_threaded(model):
+    """Torch's spinning OpenMP threads would take the cores from another engine's threads."""
+    segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")
+    torch_engine, seen = segmenter.engine, []
+
+    def foreign_engine(image: torch.Tensor) -> torch.Tensor:  # not an nn.Module: as onnxruntime's
+        seen.append(torch.get_num_threads())
+        with torch.inference_mode():
+            return torch_engine(image)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = segmenter.predict(_photo(40, 56))
+        segmenter.engine = foreign_engine
+        np.testing.assert_array_equal(segmenter.predict(_photo(40, 56)), expected)
+        segmenter.predict_proba(_photo(40, 56))
+        segmenter.logits(segmenter.preprocess(_photo(40, 56))[None])
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2  # restored after each call
+        segmenter.engine = torch_engine
+        assert segmenter.predict(_photo(40, 56)).shape == (40, 56) and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

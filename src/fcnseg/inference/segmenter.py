@@ -7,6 +7,7 @@ EXIF orientation, so a phone photo's label map has the size a viewer shows.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from types import EllipsisType
 from typing import Sequence, overload
@@ -181,10 +182,26 @@ class Segmenter:
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, C, H, W)`` of a preprocessed batch ``(N, 3, H, W)``, by this segmenter's mode."""
-        if self.mode == "sliding":
-            return predict_sliding(self.engine, image, window=self.window, stride=self.stride,
-                                   batch_size=self.batch_size, flip=self.flip, dtype=self.dtype)
-        return predict_whole(self.engine, image, flip=self.flip, dtype=self.dtype)
+        with self.engine_threads():
+            if self.mode == "sliding":
+                return predict_sliding(self.engine, image, window=self.window, stride=self.stride,
+                                       batch_size=self.batch_size, flip=self.flip, dtype=self.dtype)
+            return predict_whole(self.engine, image, flip=self.flip, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def engine_threads(self):
+        """Torch single-threaded in this thread while another engine (onnxruntime, OpenVINO, JAX)
+        computes on the CPU: torch's OpenMP threads spin after each of its parallel regions and take
+        the cores from the engine's threads (onnxruntime 46 -> 80 images/s on 2 cores, docs/ENGINES.md)."""
+        if isinstance(self.engine, nn.Module) or self.device.type != "cpu":
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     @overload
     def predict(self, image: ImageLike) -> np.ndarray: ...
@@ -201,9 +218,10 @@ class Segmenter:
         Returns:
             int64 array ``(H, W)`` of the image's exact size, or a list of them for a list.
         """
-        if isinstance(image, list):
-            return [logits.argmax(0).cpu().numpy() for logits in self._logits_each(image)]
-        return self._logits_each([image])[0].argmax(0).cpu().numpy()
+        with self.engine_threads():
+            if isinstance(image, list):
+                return [logits.argmax(0).cpu().numpy() for logits in self._logits_each(image)]
+            return self._logits_each([image])[0].argmax(0).cpu().numpy()
 
     @overload
     def predict_proba(self, image: ImageLike) -> np.ndarray: ...
@@ -216,9 +234,10 @@ class Segmenter:
         Returns:
             float32 array ``(C, H, W)``, or a list of them for a list.
         """
-        if isinstance(image, list):
-            return [logits.softmax(0).cpu().numpy() for logits in self._logits_each(image)]
-        return self._logits_each([image])[0].softmax(0).cpu().numpy()
+        with self.engine_threads():
+            if isinstance(image, list):
+                return [logits.softmax(0).cpu().numpy() for logits in self._logits_each(image)]
+            return self._logits_each([image])[0].softmax(0).cpu().numpy()
 
     def _logits_each(self, images: list[ImageLike]) -> list[torch.Tensor]:
         """Logits ``(C, H, W)`` per image, in order; images of equal size share forward passes.
