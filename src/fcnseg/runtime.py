@@ -13,11 +13,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -178,3 +179,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file written line by line (metrics.jsonl, manifest.jsonl); a
+    line cut short by a kill, or one that is not an object, is skipped; a missing file has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from fcnseg.errors import FcnsegError
+from fcnseg.runtime import read_jsonl
 
 NAME = "manifest.jsonl"
 PART_PATTERN = "manifest.rank-*.jsonl"
@@ -61,17 +62,7 @@ def output_size(path: Path) -> int:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of one manifest file; a line cut short by a kill is skipped (its files then count
     as no input's)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("input"), str):
-            records.append(record)
-    return records
+    return [record for record in read_jsonl(path) if isinstance(record.get("input"), str)]
 
 
 class Manifest:

@@ -127,11 +127,7 @@ class JaxTrainer(Trainer):
         result = per_example_loss(StepResult(loss=total / count, images=images), self.config.loss_reduction,
                                   self.config.accumulate)
         self.scheduler.step()
-        state = self.state
-        state.step_in_epoch += 1
-        state.global_step += 1
-        state.epoch_loss_sum += result.loss * result.images
-        state.epoch_images += result.images
+        self.state.count_step(result.loss, result.images)
         return result
 
     def sync_torch_model(self) -> None:

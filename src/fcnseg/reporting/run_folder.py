@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fcnseg.errors import DataError, UsageError
+from fcnseg.runtime import read_jsonl
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
 
@@ -103,19 +104,4 @@ def read_run_folder(path: str | os.PathLike) -> RunFolder:
             final = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
         except ValueError:
             final = None
-    return RunFolder(path, config, _history(path / "metrics.jsonl"), final if isinstance(final, dict) else None)
-
-
-def _history(path: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl; a line cut short by a kill, or not a record, is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return RunFolder(path, config, read_jsonl(path / "metrics.jsonl"), final if isinstance(final, dict) else None)

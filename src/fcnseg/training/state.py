@@ -30,6 +30,13 @@ class RunState:
     epoch_images: int = 0
     train_seconds: float = 0.0
 
+    def count_step(self, loss: float, images: int) -> None:
+        """Counts one optimiser step of ``images`` images whose loss, as logged, is ``loss``."""
+        self.step_in_epoch += 1
+        self.global_step += 1
+        self.epoch_loss_sum += loss * images
+        self.epoch_images += images
+
     def to_checkpoint(self) -> dict[str, Any]:
         """The fields as checkpoint keys (the names checkpoints have always used)."""
         return dataclasses.asdict(self)

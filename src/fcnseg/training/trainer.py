@@ -306,11 +306,7 @@ class Trainer:
                             compute_loss=self.compute_loss)
         result = per_example_loss(result, config.loss_reduction, config.accumulate)  # logged as the chapter does
         self.scheduler.step()
-        state = self.state
-        state.step_in_epoch += 1
-        state.global_step += 1
-        state.epoch_loss_sum += result.loss * result.images
-        state.epoch_images += result.images
+        self.state.count_step(result.loss, result.images)
         return result
 
     def end_step(self, result: StepResult, tic: float, bar: Any, *, last_in_epoch: bool) -> None:
