@@ -238,3 +238,10 @@ def test_eval_holdout_scores_the_images_a_holdout_run_validated_on(tmp_path, cap
     # The training run's final validation was on the same held-out images, predicted the same way.
     assert report["miou"] == pytest.approx(trained["miou"], abs=1e-9)
     assert report["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-9, nan_ok=True)
+
+
+def test_a_scale_of_zero_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "m.pt", "--scales", "1", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --scales: expected a number > 0, got 0" in capsys.readouterr().err
