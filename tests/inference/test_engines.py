@@ -88,6 +88,30 @@ def test_engine_is_built_by_segmenter_and_predicts(model, name):
     assert np.mean(segmenter.predict(photo) == reference.predict(photo)) >= 0.999
 
 
+def test_compiled_torch_engine_freezes_and_matches_eager(model, monkeypatch):
+    """``Segmenter(compile=True)``: torch.compile with inductor's freezing on while it compiles
+    (the weights folded into prepacked convolutions), same logits as the eager model."""
+    import torch._inductor.config as inductor_config
+
+    seen = []
+    original = torch.compile
+
+    def recording_compile(module, **kwargs):
+        compiled = original(module, **kwargs)
+
+        def call(batch):
+            seen.append(inductor_config.freezing)
+            return compiled(batch)
+        return call
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", compile=True)
+    reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")
+    image = reference.preprocess(_photo(64, 96, seed=5)).unsqueeze(0)
+    torch.testing.assert_close(segmenter.logits(image), reference.logits(image), atol=1e-4, rtol=1e-4)
+    assert seen == [True] and inductor_config.freezing is False  # on for the call only
+
+
 def test_onnxruntime_runs_float32_for_bf16_with_a_warning(model):
     _require("onnxruntime")
     with pytest.warns(RuntimeWarning, match="onnxruntime engine runs float32 here, not bfloat16"):

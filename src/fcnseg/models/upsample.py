@@ -259,7 +259,9 @@ class TransposedConvUpsampler(nn.Module):
             halves = half_cell_matrices(matrix, self.stride) if self.stride >= HALF_CELL_MIN_STRIDE else None
             return matrix, halves
 
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # Training, or traced by torch.compile / torch.export: the graph computes the matrices
+            # (freezing folds them into constants); the cache key reads a data pointer traced tensors lack.
             self._matrix_cache = None
             matrix, halves = make()
         else:
