@@ -118,7 +118,8 @@ def add_scales_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     """``--scales S [S ...]``: multi-scale test-time augmentation, logits averaged over the scales."""
     parser.add_argument("--scales", type=positive_float, nargs="+", default=(1.0,), metavar="S",
                         help="also predict the image resized by these factors and average the logits, e.g. "
-                             "--scales 0.75 1 1.25 (with --flip, flipped at every scale)")
+                             "--scales 0.75 1 1.25 (with --flip, flipped at every scale) (default: 1, the image "
+                             "as it is)")
 
 
 def add_data_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, split: str = "val") -> None:
