@@ -36,12 +36,18 @@ class Result:
 
 def recipe(sel: Selection, body: str, settings: Settings) -> tuple[Settings, str, tuple[str, ...], str]:
     """(budget, variant, extra training options, words) of the recipe Q6 chose for ``body``: the
-    recommended budget, with the crop and scale range of Q6's baseline unless Q6 adopted others."""
+    recommended budget with Q6's adopted options. Q6's crop and scale rows change the crop and scale
+    range only when Q6 trained with Q7's budget (``--budget recommended``): a 15-epoch run cannot
+    judge an augmentation meant for 80 epochs, so after Q6 at the Q budget they stay the
+    recommended run's."""
     choice = sel.choice or Choice()
-    changes: dict[str, Any] = {"crop": sel.budget.crop, "scale_range": tuple(sel.budget.scale_range)}
+    budget = recommended_budget(settings, body)
+    at_budget = (sel.budget.iterations, sel.budget.epochs) == (budget.iterations, budget.epochs)
+    changes: dict[str, Any] = {}
     for option in choice.adopted:
-        changes.update(dict(option.changes))
-    budget = replace(recommended_budget(settings, body), **changes)
+        if at_budget or option.group not in ("crop", "scale"):
+            changes.update(dict(option.changes))
+    budget = replace(budget, **changes)
     variant = next((o.variant for o in choice.adopted if o.group == "variant"), "8s")
     loss = choice.option(LOSS)
     low, high = budget.scale_range

@@ -74,8 +74,8 @@ QUICK = Settings(
 )
 
 # The recommended runs of docs/RESULTS.md (MobileNetV2: 0.702 val mIoU in 52 min; ResNet-18 from random
-# init: 0.619 in 76 min), as Settings fields. Crop and scale are Q7's starting point only: Q7 takes
-# them from Q6's choice.
+# init: 0.619 in 76 min), as Settings fields. Q7 trains with them, changing crop and scale only when
+# Q6 chose others at this budget (`--budget recommended`).
 RECOMMENDED = {
     "mobilenet_v2": {"crop": "360x480", "scale_range": ("0.5", "2.0"), "batch_size": 8, "lr": "0.02",
                      "weight_decay": "0.0001", "schedule": "poly", "epochs": None, "iterations": 3600,

@@ -23,8 +23,10 @@ CHOICE_RULE = (
     "Choice rule (applied by experiments/thin_classes.py to Q6's holdout mIoU, one seed per row): the best "
     f"of the loss rows (class weights, OHEM, CE + Lovasz, CE + Dice; one loss at a time) is adopted if it beats the "
     f"cross-entropy baseline by at least {100 * MARGIN:.1f} points; larger crops, multi-scale training and FCN-4s are "
-    f"each adopted if their row beats the baseline by at least {100 * MARGIN:.1f} points (crop and scale not "
-    "adopted stay the baseline's); multi-scale + flip test-time augmentation is adopted if it raises the holdout "
+    f"each adopted if their row beats the baseline by at least {100 * MARGIN:.1f} points, but a crop or scale range "
+    "applies to Q7 only when Q6 trained with Q7's budget (`--budget recommended`); otherwise Q7 keeps the "
+    "recommended run's crop and scale range, since 15 epochs cannot judge augmentations meant for 80; multi-scale "
+    "+ flip test-time augmentation is adopted if it raises the holdout "
     f"mIoU of every checkpoint it was tried on by at least {100 * MARGIN:.1f} points. Options adopted separately "
     "are combined untested; everything else (steps, batch, lr, warm-up) is the recommended run's budget.")
 

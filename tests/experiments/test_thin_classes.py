@@ -68,9 +68,16 @@ def test_q7_recipe_takes_the_chosen_options_onto_the_recommended_budget():
     budget, variant, args, words = recipe(sel, "mobilenet_v2", FULL)
     expected = RECOMMENDED["mobilenet_v2"]
     assert (budget.iterations, budget.lr, budget.warmup_iters) == (expected["iterations"], expected["lr"], expected["warmup_iters"])
-    # Crop not adopted: the Q6 baseline's; scale adopted: the multi-scale row's.
-    assert budget.crop == FULL.crop and tuple(budget.scale_range) == ("0.5", "2.0")
+    # Q6 at the Q budget: its scale row, though adopted, does not judge Q7's longer runs: the
+    # recommended run's crop and scale range stay.
+    assert budget.crop == expected["crop"] and tuple(budget.scale_range) == tuple(expected["scale_range"])
     assert variant == "8s" and args == ("--loss", "ce+lovasz") and "Lovasz" in words and "3600 steps" in words
+    # Q6 at Q7's budget (ResNet-18: 360x480 but scale 0.75-1.75, so it has a multi-scale row): applied.
+    at_budget = recommended_budget(FULL, "resnet18")
+    wide = {o.key: o for o in options(at_budget, ("8s",))[0]}["scale0.5-2.0"]
+    sel_r18 = Selection("resnet18", at_budget, [], [], choice=Choice([wide], False))
+    assert tuple(recipe(sel_r18, "resnet18", FULL)[0].scale_range) == ("0.5", "2.0")
+    assert tuple(recipe(replace(sel_r18, choice=Choice()), "resnet18", FULL)[0].scale_range) == ("0.75", "1.75")
     assert recipe(replace(sel, choice=None), "resnet18", QUICK)[0].iterations == QUICK.iterations
 
 
