@@ -47,9 +47,9 @@ def _checkpoint(tmp_path: Path, variant: str) -> Path:
 
 
 class TinyBackbone(nn.Module):
-    """Strided conv + BatchNorm + ReLU blocks and a max-pool (ResNet's operators), taps at strides 8, 16, 32."""
+    """Strided conv + BatchNorm + ReLU blocks and a max-pool (ResNet's operators), taps at strides 4, 8, 16, 32."""
 
-    channels = (8, 16, 32)
+    channels = (8, 8, 16, 32)
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,9 +62,10 @@ class TinyBackbone(nn.Module):
         self.stage32 = conv(16, 32)
 
     def forward(self, x):
-        c8 = self.stage8(x)
+        c4 = self.stage8[:2](x)
+        c8 = self.stage8[2:](c4)
         c16 = self.stage16(c8)
-        return c8, c16, self.stage32(c16)
+        return c4, c8, c16, self.stage32(c16)
 
 
 def tiny_fcn(variant: str = "8s") -> FCN:
