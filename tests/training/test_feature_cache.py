@@ -156,3 +156,26 @@ def test_a_resumed_cached_run_matches_an_uninterrupted_one(scenes, tmp_path):
     a = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cached_fcn4s_run_trains_the_stride_4_skip(scenes, tmp_path):
+    train(cached_config(scenes, tmp_path / "run", variant="4s", epochs=1, eval_every=99), progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["model_kwargs"]["variant"] == "4s"
+    assert torch.count_nonzero(checkpoint["state_dict"]["score4.weight"]) > 0  # it starts at zero
+
+
+def test_the_stride_4_tap_is_in_the_fingerprint_of_4s_caches_only():
+    from fcnseg.training.feature_cache import cache_fingerprint
+
+    views = augmented()
+    fingerprints = {}
+    for c4 in (64, 65):  # a body whose stride-4 tap differs, nothing else
+        for variant in ("8s", "4s"):
+            torch.manual_seed(0)  # the same body weights every time
+            model = frozen_model(variant)
+            model.backbone.channels = (c4, *model.backbone.channels[1:])
+            fingerprints[c4, variant] = cache_fingerprint(model, views, 2, "float16")
+    # caches made before FCN-4s (bodies of three taps) stay valid for 32s/16s/8s
+    assert fingerprints[64, "8s"] == fingerprints[65, "8s"]
+    assert fingerprints[64, "4s"] != fingerprints[65, "4s"] and fingerprints[64, "4s"] != fingerprints[64, "8s"]
