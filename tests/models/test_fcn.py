@@ -62,6 +62,16 @@ def test_body_taps_strides_4_8_16_32_and_the_4s_head_reads_all_four():
     assert c4.shape == (1, 64, 16, 24)
 
 
+def test_fcn4s_adds_three_tensors_and_renames_nothing_checkpoints_store():
+    keys = {v: list(fcn_resnet18(variant=v, num_classes=3, weights_backbone=None).state_dict()) for v in ("8s", "4s")}
+    assert [k for k in keys["4s"] if k not in keys["8s"]] == ["score4.weight", "score4.bias", "upsample8to4.weight"]
+    assert [k for k in keys["4s"] if k in keys["8s"]] == keys["8s"]
+    # the 8s head's names, in order (optimizer states in checkpoints follow parameter order)
+    assert [k for k in keys["8s"] if not k.startswith("backbone.")] == [
+        "score32.weight", "score32.bias", "score16.weight", "score16.bias", "upsample32to16.weight",
+        "score8.weight", "score8.bias", "upsample16to8.weight", "upsample_final.weight"]
+
+
 def test_fcn4s_needs_a_body_with_a_stride_4_tap():
     from fcnseg.models.fcn import FCN
     from tests.conftest import TinyBackbone
