@@ -78,12 +78,11 @@ class Backbone(nn.Module):
         self._keymap = _torchvision_key_map(net, self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        c4 = x
-        for layer in self.stage8[:self.stage4_end]:
-            c4 = layer(c4)
-        c8 = c4
-        for layer in self.stage8[self.stage4_end:]:
+        c4 = c8 = x
+        for index, layer in enumerate(self.stage8):
             c8 = layer(c8)
+            if index + 1 == self.stage4_end:
+                c4 = c8
         c16 = self.stage16(c8)
         c32 = self.stage32(c16)
         return c4, c8, c16, c32
