@@ -115,7 +115,7 @@ def case_upsampler(params: dict[str, Any], configs: list[str]) -> dict[str, Any]
                 model = fcnseg_from_baseline(net, tv).eval().to(memory_format=torch.channels_last)
                 upsampler = model.upsample_final
                 x = x.contiguous(memory_format=torch.channels_last)
-                body = lambda image: model.score32(model.backbone(image)[2])  # noqa: E731
+                body = lambda image: model.score32(model.backbone(image)[-1])  # noqa: E731
                 grad = torch.inference_mode
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config == "fcnseg-bf16")
             with grad(), autocast:

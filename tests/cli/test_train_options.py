@@ -152,3 +152,26 @@ def test_help_shows_flags_both_ways_and_defaults_one_way(command, capsys):
     assert "[PROGRESS]" not in text and "default None" not in text
     if command == "train":
         assert "--hflip, --no-hflip" in text and "(default: 320x480)" in text and "(default: 0.02)" in text
+
+
+def test_train_variant_4s_runs_an_epoch_and_saves_a_4s_checkpoint(tmp_path, capsys):
+    from fcnseg.data.synthetic import make_synthetic
+    from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
+
+    root = make_synthetic(tmp_path / "data", num_classes=3, n=4, size=(40, 56), seed=0, progress=False)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--root", str(root), "--model", "fcn_resnet18", "--variant", "4s",
+                 "--weights-backbone", "none", "--epochs", "1", "--batch-size", "2", "--crop", "32x32", "--amp", "none",
+                 "--channels-last", "false", "--workers", "0", "--no-progress", "--out", str(run)]) == 0
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert checkpoint["model_kwargs"]["variant"] == "4s" and checkpoint["epoch"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["variant"] == "4s"
+    model = model_from_checkpoint(checkpoint)
+    assert model.upsample_final.stride == 4 and torch.count_nonzero(model.score4.weight) > 0  # the new skip trained
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 40, 56)).shape == (1, 3, 40, 56)
+
+
+def test_tune_accepts_variant_4s(tmp_path, capsys):
+    assert main(["tune", "--root", "r", "--variant", "4s", "--out", str(tmp_path / "study"), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["variant"] == "4s"

@@ -5,6 +5,7 @@ subprocesses."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -130,7 +131,7 @@ def test_q6_q7_quick_choose_on_the_holdout_then_train_on_all_of_train(tmp_path):
     # fcnseg eval --split train --holdout 0.2 scores the images the runs validated on: its plain pass
     # repeats the run's final validation.
     evals = q6["extra_tables"][0]["rows"]
-    trained = {r["label"].split(", FCN-8s, ")[1]: r["metrics"]["miou"] for r in q6["rows"]}
+    trained = {re.split(r", FCN-\d+s, ", r["label"])[1]: r["metrics"]["miou"] for r in q6["rows"]}
     plain = [r for r in evals if r["label"].endswith("one padded pass")]
     assert plain and len(evals) == 2 * len(plain)
     for r in plain:
@@ -155,6 +156,9 @@ def test_q6_q7_quick_choose_on_the_holdout_then_train_on_all_of_train(tmp_path):
         assert all((args in c) == (loss == best_loss and losses[loss] >= base + 0.005 - 1e-9) for c in trains)
     crop_adopted = trained["larger crops (96x128)"] >= base + 0.005 - 1e-9
     assert all(("--crop 96x128" if crop_adopted else "--crop 64x96") in c for c in trains)
+    if "4s" in VARIANTS:
+        fcn4s_adopted = trained["FCN-4s (a stride-4 skip)"] >= base + 0.005 - 1e-9
+        assert all(("--variant 4s" if fcn4s_adopted else "--variant 8s") in c for c in trains)
     md = (out / "q7" / "table.md").read_text()
     assert "Targets (issue 22" in md and "Quick check only" in md and "curves.png" in md
     mious = [r["metrics"]["miou"] for r in q7["rows"] if r["label"].endswith("one padded pass")]

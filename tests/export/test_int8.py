@@ -28,8 +28,8 @@ COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model():
-    net = tiny_fcn("8s", seed=1)
+def _model(variant: str = "8s"):
+    net = tiny_fcn(variant, seed=1)
     with torch.no_grad():  # zero biases: the tiny FCN then predicts all three classes, not one
         for name, param in net.named_parameters():
             if name.endswith("bias"):
@@ -93,6 +93,20 @@ def test_int8_segmenter_agrees_with_float32(int8_file, calibration):
     measured = np.mean(np.concatenate([(a == b).ravel() for a, b in zip(int8_preds, torch_preds)]))
     assert abs(measured - report["agreement"]) < 0.005
     assert len(np.unique(np.stack(torch_preds))) == 3  # not a constant map
+
+
+def test_int8_export_of_an_fcn4s_agrees_with_float32(calibration, tmp_path):
+    model = _model("4s")
+    path = tmp_path / "tiny4s_int8.onnx"
+    report = export_int8(model, path, calibration, calibration_images=4, exporter="legacy", classes=CLASSES,
+                         colors=COLORS, sizes=[(64, 96)])
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and report["int8_bytes"] == path.stat().st_size
+    images = [_photo(64, 96, seed=index) for index in range(3)] + [_photo(70, 90, seed=9)]
+    torch_preds = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none").predict(images)
+    int8_preds = onnx_segmenter(path).predict(images)
+    assert np.mean([np.mean(a == b) for a, b in zip(int8_preds, torch_preds)]) > 0.9
+    assert len(np.unique(np.stack(torch_preds[:3]))) > 1  # not a constant map
 
 
 def test_calibration_files_are_spread_over_the_folder(tmp_path):

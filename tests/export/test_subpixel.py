@@ -26,24 +26,26 @@ def test_equals_conv_transpose(stride, bias):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_subpixel_form_is_a_copy_with_the_same_logits():
-    model = tiny_fcn("8s", seed=1)
+@pytest.mark.parametrize("variant,upsamplers", [("8s", 3), ("4s", 4)])  # 32->16, 16->8, (8->4,) final
+def test_subpixel_form_is_a_copy_with_the_same_logits(variant, upsamplers):
+    model = tiny_fcn(variant, seed=1)
     converted = subpixel_form(model)
     assert not any(isinstance(m, TransposedConvUpsampler) for m in converted.modules())
-    assert sum(isinstance(m, SubpixelUpsampler) for m in converted.modules()) == 3  # 32->16, 16->8, final
+    assert sum(isinstance(m, SubpixelUpsampler) for m in converted.modules()) == upsamplers
     assert isinstance(model.upsample_final, TransposedConvUpsampler)  # the original is left as it is
     x = torch.randn(1, 3, 67, 93)
     with torch.inference_mode():
         torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_onnx_export_has_no_conv_transpose(tmp_path):
+@pytest.mark.parametrize("variant", ["8s", "4s"])
+def test_onnx_export_has_no_conv_transpose(tmp_path, variant):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from fcnseg.export.onnx import export_onnx
 
     path = tmp_path / "subpixel.onnx"
-    report = export_onnx(subpixel_form(tiny_fcn("8s", seed=1)), path, exporter="legacy", sizes=[(64, 96), (67, 93)])
+    report = export_onnx(subpixel_form(tiny_fcn(variant, seed=1)), path, exporter="legacy", sizes=[(64, 96), (67, 93)])
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "DepthToSpace" in ops and "ConvTranspose" not in ops
     assert report["verified"] and report["max_abs_diff"] < 1e-4

@@ -19,7 +19,8 @@ def _assert_same_state(got: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("name,variant,upsampler", [("fcn_resnet18", "8s", "bilinear"),
-                                                    ("fcn_mobilenet_v2", "16s", "fixed")])
+                                                    ("fcn_mobilenet_v2", "16s", "fixed"),
+                                                    ("fcn_mobilenet_v2", "4s", "bilinear")])
 def test_round_trip_is_identical(name, variant, upsampler):
     model = random_fcn(name, variant, upsampler=upsampler)
     counter = next(v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked"))

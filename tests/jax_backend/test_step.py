@@ -45,9 +45,10 @@ def _jax_step(model, image, target, dtype=jnp.float32):
     return step.gradients(variables["params"], variables["batch_stats"], image.numpy(), target.numpy().astype(np.int32))
 
 
-def test_gradients_and_batchnorm_statistics_match_torch():
-    """The chapter's JAX body (ResNet-18 FCN-8s) in float32: every gradient within 2e-3 of PyTorch's."""
-    model = random_fcn("fcn_resnet18", "8s", seed=4).train()
+@pytest.mark.parametrize("variant", ["8s", "4s"])
+def test_gradients_and_batchnorm_statistics_match_torch(variant):
+    """The chapter's JAX body (ResNet-18 FCN-8s, and 4s) in float32: every gradient within 2e-3 of PyTorch's."""
+    model = random_fcn("fcn_resnet18", variant, seed=4).train()
     image, target = _batch()
     out = _jax_step(model, image, target)
     loss = segmentation_loss(model(image), target)

@@ -112,3 +112,11 @@ def test_predict_cli_jax_writes_the_torch_masks(root, jax_run, tmp_path):
         expected = np.array(Image.open(tmp_path / "torch" / name))
         got = np.array(Image.open(tmp_path / "jax" / name))
         assert (got == expected).mean() >= 0.999, name
+
+
+@pytest.mark.slow  # about 14 s (XLA compiles a new model); 4s parity and gradients run by default in test_models/test_step
+def test_fcn4s_trains_with_the_jax_backend(root, tmp_path):
+    checkpoint = _train(root, tmp_path / "jax4s", "--backend", "jax", "--iterations", "1", "--variant", "4s")
+    assert checkpoint["model_kwargs"]["variant"] == "4s"
+    model = model_from_checkpoint(checkpoint)  # the Flax parameters load back into the torch 4s strictly
+    assert model.upsample_final.stride == 4 and torch.count_nonzero(model.score4.weight) > 0

@@ -24,7 +24,7 @@ def test_resnet_state_dict_from_torchvision_loads_exactly(tmp_path):
     net.eval()
     with torch.no_grad():
         tv = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
-        ours = model.backbone(x)[2]
+        ours = model.backbone(x)[-1]
     torch.testing.assert_close(ours, tv)
 
 
@@ -68,7 +68,7 @@ def test_real_mobilenet_v2_imagenet_file_loads_strictly_and_exactly():
     features.eval()
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
-        torch.testing.assert_close(model.backbone(x)[2], features(x))
+        torch.testing.assert_close(model.backbone(x)[-1], features(x))
     assert sum(v.numel() for v in state.values()) == sum(v.numel() for v in model.backbone.state_dict().values())
 
 

@@ -250,3 +250,21 @@ def test_model_from_checkpoint_refuses_weights_that_do_not_match(saved):
         model_from_checkpoint({**good, "model_name": "fcn_vgg99"})
     with pytest.raises(CheckpointError, match="cannot build"):
         model_from_checkpoint({**good, "model_kwargs": {**good["model_kwargs"], "depth": 3}})
+
+
+def test_fcn4s_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("fcn_mobilenet_v2", variant="4s", num_classes=3, weights_backbone=None)
+    with torch.no_grad():  # the new skip starts at zero; a load that dropped it would not show otherwise
+        model.score4.weight.normal_(std=0.1)
+        model.upsample8to4.weight.add_(0.01 * torch.randn_like(model.upsample8to4.weight))
+    model.eval()
+    path = save_checkpoint(make_checkpoint(model, classes=CLASSES, colors=COLORS), tmp_path / "fcn4s.pt")
+    loaded = load_checkpoint(path)
+    assert loaded["model_kwargs"]["variant"] == "4s"
+    assert {"score4.weight", "upsample8to4.weight"} <= set(loaded["state_dict"])
+    rebuilt = model_from_checkpoint(loaded)
+    assert (rebuilt.variant, rebuilt.upsample_final.stride) == ("4s", 4)
+    image = torch.randn(1, 3, 37, 45)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(image), model(image))

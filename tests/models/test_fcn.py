@@ -25,6 +25,64 @@ def test_siblings_build_and_run(name):
         assert model(torch.randn(1, 3, 64, 96)).shape == (1, 4, 64, 96)
 
 
+@pytest.mark.parametrize("name", ["fcn_resnet18", "fcn_resnet34", "fcn_resnet50", "fcn_mobilenet_v2"])
+def test_fcn4s_forward_and_backward_on_every_body_at_an_odd_size(name):
+    torch.manual_seed(0)
+    model = build_model(name, variant="4s", num_classes=3, weights_backbone=None).train()
+    up = model.upsample_final
+    assert (up.kernel_size, up.stride, up.padding) == (8, 4, 2) and model.upsample8to4.stride == 2
+    assert model.score4.in_channels == model.backbone.channels[0]
+    with torch.no_grad():  # make the new skip count, so its gradient path is exercised
+        model.score4.weight.normal_(std=0.1)
+    image = torch.randn(2, 3, 37, 45)  # padded to 64 x 64 inside, cropped back
+    logits = model(image)
+    assert logits.shape == (2, 3, 37, 45)
+    logits.logsumexp(1).mean().backward()
+    first_conv = next(p for n, p in model.backbone.stage8.named_parameters() if n.endswith("weight"))
+    for param in ("score4.weight", "upsample8to4.weight", "score8.weight", "score32.weight", "upsample_final.weight"):
+        grad = model.get_parameter(param).grad
+        assert grad is not None and torch.count_nonzero(grad) > 0, param
+    assert first_conv.grad is not None and torch.count_nonzero(first_conv.grad) > 0
+
+
+def test_body_taps_strides_4_8_16_32_and_the_4s_head_reads_all_four():
+    model = fcn_resnet18(variant="4s", num_classes=2, weights_backbone=None).eval()
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        c4, c8, c16, c32 = model.backbone(image)
+        body = model.backbone.stage8  # c4 is layer1's output: conv1, bn1, relu, maxpool, layer1
+        assert torch.equal(c4, body[4](body[3](body[2](body[1](body[0](image))))))
+        assert torch.equal(c8, body[5](c4))
+        # the head's arithmetic, written out: each skip adds to the x2 upsampled coarser scores
+        score = model.score32(c32)
+        score = model.upsample32to16(score) + model.score16(c16)
+        score = model.upsample16to8(score) + model.score8(c8)
+        score = model.upsample8to4(score) + model.score4(c4)
+        torch.testing.assert_close(model(image), model.upsample_final(score), rtol=0, atol=0)
+    assert c4.shape == (1, 64, 16, 24)
+
+
+def test_fcn4s_adds_three_tensors_and_renames_nothing_checkpoints_store():
+    keys = {v: list(fcn_resnet18(variant=v, num_classes=3, weights_backbone=None).state_dict()) for v in ("8s", "4s")}
+    assert [k for k in keys["4s"] if k not in keys["8s"]] == ["score4.weight", "score4.bias", "upsample8to4.weight"]
+    assert [k for k in keys["4s"] if k in keys["8s"]] == keys["8s"]
+    # the 8s head's names, in order (optimizer states in checkpoints follow parameter order)
+    assert [k for k in keys["8s"] if not k.startswith("backbone.")] == [
+        "score32.weight", "score32.bias", "score16.weight", "score16.bias", "upsample32to16.weight",
+        "score8.weight", "score8.bias", "upsample16to8.weight", "upsample_final.weight"]
+
+
+def test_fcn4s_needs_a_body_with_a_stride_4_tap():
+    from fcnseg.models.fcn import FCN
+    from tests.conftest import TinyBackbone
+
+    three_taps = TinyBackbone()
+    three_taps.channels = (8, 16, 32)
+    FCN(three_taps, 3, variant="8s")  # the other variants read (c8, c16, c32) from the end
+    with pytest.raises(ValueError, match="stride-4"):
+        FCN(three_taps, 3, variant="4s")
+
+
 def test_chapter_fcn32s_structure():
     model = fcn_resnet18(num_classes=21, weights_backbone=None)
     assert model.score32.in_channels == 512 and model.score32.out_channels == 21
@@ -34,8 +92,9 @@ def test_chapter_fcn32s_structure():
     assert (up.kernel_size, up.stride, up.padding) == (64, 32, 16)
     assert up.weight.shape == (21, 21, 64, 64)
     # the body ends at layer4: 512 channels at stride 32, no avgpool/fc
-    c8, c16, c32 = model.backbone(torch.randn(1, 3, 320, 480))
+    c4, c8, c16, c32 = model.backbone(torch.randn(1, 3, 320, 480))
     assert c32.shape == (1, 512, 10, 15) and c16.shape == (1, 256, 20, 30) and c8.shape == (1, 128, 40, 60)
+    assert c4.shape == (1, 64, 80, 120)
     assert not any("fc" in k or "avgpool" in k for k in model.state_dict())
 
 
@@ -52,7 +111,7 @@ def test_fresh_skip_net_starts_from_the_32s_prediction(variant):
     # Zero-initialised skip scores contribute nothing: the fresh net is exactly the chained
     # bilinear upsampling of the 32s scores.
     with torch.no_grad():
-        score = net32.score32(net32.backbone(image)[2])
+        score = net32.score32(net32.backbone(image)[-1])
         chained = net.upsample32to16(score)
         if variant == "8s":
             chained = net.upsample16to8(chained)
@@ -69,6 +128,43 @@ def test_fresh_skip_net_starts_from_the_32s_prediction(variant):
     assert corr > 0.95, corr
     # and the skip layers really are zero at the start
     assert torch.count_nonzero(net.score16.weight) == 0
+
+
+def test_fresh_4s_predicts_what_the_8s_it_extends_predicts():
+    torch.manual_seed(0)
+    net8 = fcn_resnet18(variant="8s", num_classes=5, weights_backbone=None).eval()
+    net4 = fcn_resnet18(variant="4s", num_classes=5, weights_backbone=None).eval()
+    with torch.no_grad():  # a trained-looking 8s: its skip scores count
+        for name, param in net8.named_parameters():
+            if name.startswith("score"):
+                param.normal_(std=0.1)
+    shared = {k: v for k, v in net8.state_dict().items() if not k.startswith("upsample_final")}
+    missing = net4.load_state_dict(shared, strict=False).missing_keys
+    assert sorted(missing) == ["score4.bias", "score4.weight", "upsample8to4.weight", "upsample_final.weight"]
+    assert torch.count_nonzero(net4.score4.weight) == 0 and torch.count_nonzero(net4.score4.bias) == 0
+    image = torch.randn(1, 3, 256, 320)
+    with torch.no_grad():
+        coarse, fine = net8(image), net4(image)
+        # Exact: the zero stride-4 skip adds nothing, so the 4s is the x2 then x4 bilinear upsampling
+        # of the very scores the 8s upsamples x8.
+        score8 = net8.scores(*net8.backbone(image))
+        torch.testing.assert_close(fine, net4.upsample_final(net4.upsample8to4(score8)), rtol=0, atol=1e-6)
+        # x2 then x4 and one x8 are the same interpolation (align_corners=False grids compose) except
+        # near the borders, where each stage's zero padding enters: exact inside on scores linear in
+        # position, which both reproduce ...
+        y, x = torch.arange(32.0).view(32, 1), torch.arange(40.0).view(1, 40)
+        ramp = torch.stack([2 * y - 3 * x + 1, 0.5 * y + x - 7, 0 * y + 0 * x + 4, y * 0 - x, y + 0 * x])[None]
+        one, two = net8.upsample_final(ramp), net4.upsample_final(net4.upsample8to4(ramp))
+    inside = (..., slice(8, -8), slice(8, -8))
+    torch.testing.assert_close(one[inside], two[inside], rtol=0, atol=1e-4)
+    ys = torch.arange(256.0).view(256, 1)
+    torch.testing.assert_close(one[0, 0][inside], (2 * ((ys + 0.5) / 8 - 0.5) - 3 * ((torch.arange(320.0) + 0.5) / 8 - 0.5)
+                                                   + 1)[inside], rtol=0, atol=1e-4)
+    assert (one - two).abs().max() > 1  # ... but not at the borders
+    # ... and close, not equal, on a random body's scores (about 1% relative RMS inside).
+    rel_rms = (fine[inside] - coarse[inside]).pow(2).mean().sqrt() / coarse[inside].pow(2).mean().sqrt()
+    assert 0 < rel_rms < 0.03, rel_rms
+    assert torch.corrcoef(torch.stack([fine[inside].flatten(), coarse[inside].flatten()]))[0, 1] > 0.999
 
 
 def test_skip_layers_change_the_output_once_trained():
@@ -112,7 +208,7 @@ def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="fcn_resnet18"):
         build_model("fcn_vgg16")
     with pytest.raises(ValueError, match="variant"):
-        fcn_resnet18(variant="4s", weights_backbone=None)
+        fcn_resnet18(variant="2s", weights_backbone=None)
     with pytest.raises(ValueError, match="upsampler"):
         fcn_resnet18(upsampler="nearest", weights_backbone=None)
     assert list_models() == ["fcn_resnet18", "fcn_resnet34", "fcn_resnet50", "fcn_mobilenet_v2"]
@@ -120,9 +216,10 @@ def test_unknown_names_are_refused():
 
 def test_mobilenet_taps_have_the_documented_channels():
     model = fcn_mobilenet_v2(variant="8s", num_classes=2, weights_backbone=None)
-    c8, c16, c32 = model.backbone(torch.randn(1, 3, 64, 96))
-    assert (c8.shape[1], c16.shape[1], c32.shape[1]) == model.backbone.channels == (32, 96, 1280)
+    c4, c8, c16, c32 = model.backbone(torch.randn(1, 3, 64, 96))
+    assert (c4.shape[1], c8.shape[1], c16.shape[1], c32.shape[1]) == model.backbone.channels == (24, 32, 96, 1280)
     assert c8.shape[-2:] == (8, 12) and c16.shape[-2:] == (4, 6) and c32.shape[-2:] == (2, 3)
+    assert c4.shape[-2:] == (16, 24)
 
 
 def test_chapter_parameter_count_with_the_transposed_convolution_bias():
@@ -133,7 +230,7 @@ def test_chapter_parameter_count_with_the_transposed_convolution_bias():
 
 
 @pytest.mark.parametrize("name,variant", [("fcn_resnet18", "16s"), ("fcn_resnet18", "8s"), ("fcn_resnet34", "32s"),
-                                          ("fcn_resnet50", "16s"), ("fcn_mobilenet_v2", "8s")])
+                                          ("fcn_resnet50", "16s"), ("fcn_mobilenet_v2", "8s"), ("fcn_resnet18", "4s")])
 def test_upsampler_bias_is_on_the_final_upsampler_only_and_adds_to_every_pixel(name, variant):
     torch.manual_seed(0)
     model = build_model(name, variant=variant, num_classes=4, weights_backbone=None, upsampler_bias=True).eval()

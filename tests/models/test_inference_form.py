@@ -20,10 +20,11 @@ def with_running_statistics(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["fcn_resnet18", "fcn_resnet50", "fcn_mobilenet_v2"])
-def test_inference_form_computes_the_same_logits_without_batchnorm(name):
-    model = with_running_statistics(build_model(name, variant="8s", num_classes=3, weights_backbone=None))
-    for layer in (model.score16, model.score8):  # the skips start at zero; make them count
+@pytest.mark.parametrize("name,variant", [("fcn_resnet18", "8s"), ("fcn_resnet50", "8s"), ("fcn_mobilenet_v2", "8s"),
+                                          ("fcn_resnet18", "4s"), ("fcn_mobilenet_v2", "4s")])
+def test_inference_form_computes_the_same_logits_without_batchnorm(name, variant):
+    model = with_running_statistics(build_model(name, variant=variant, num_classes=3, weights_backbone=None))
+    for layer in (model.score16, model.score8, getattr(model, "score4", model.score8)):  # the skips start at zero
         nn.init.normal_(layer.weight, std=0.1)
     image = torch.randn(2, 3, 67, 93)
     with torch.no_grad():

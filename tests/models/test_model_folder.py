@@ -58,6 +58,22 @@ def test_round_trip_gives_identical_logits_and_metadata(checkpoint, folder):
     assert ours.classes == CLASSES and torch.equal(ours.mean, theirs.mean) and torch.equal(ours.std, theirs.std)
 
 
+def test_fcn4s_model_folder_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = fcn_resnet18(variant="4s", num_classes=3, weights_backbone=None)
+    with torch.no_grad():  # the new skip starts at zero; make it count
+        model.score4.weight.normal_(std=0.1)
+    checkpoint = make_checkpoint(model, classes=CLASSES, colors=COLORS)
+    export_model_folder(checkpoint, tmp_path / "m", license="mit")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["variant"] == "4s"
+    assert "FCN-4s" in (tmp_path / "m" / "README.md").read_text()
+    loaded = load_checkpoint(tmp_path / "m")
+    assert loaded["model_kwargs"]["variant"] == "4s" and loaded["state_dict"].keys() == checkpoint["state_dict"].keys()
+    image = torch.randn(1, 3, 37, 45)
+    with torch.no_grad():
+        assert torch.equal(model_from_checkpoint(loaded)(image), model.eval()(image))
+
+
 def test_config_spells_out_the_model(folder):
     config = json.loads((folder / "config.json").read_text())
     assert (config["body"], config["variant"], config["num_classes"], config["upsampler_bias"]) == (

@@ -118,7 +118,8 @@ def test_fused_loss_refuses_what_it_cannot_compute():
         upsample_cross_entropy(torch.randn(1, 3, 2, 2), TransposedConvUpsampler(3, 4), target, reduction="sum")
 
 
-@pytest.mark.parametrize("variant,biased", [("32s", False), ("8s", False), ("32s", True), ("8s", True)])
+@pytest.mark.parametrize("variant,biased", [("32s", False), ("8s", False), ("32s", True), ("8s", True), ("4s", False),
+                                            ("4s", True)])
 def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant, biased):
     from fcnseg import fcn_resnet18
     from fcnseg.ops.loss import segmentation_loss
@@ -129,9 +130,11 @@ def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant, 
                          upsampler_bias=biased).eval()
     if biased:
         model.upsample_final.bias.data.copy_(torch.tensor([0.5, -1.0, 1.5]))
-    if variant == "8s":  # the skip score layers start at zero; make them count
-        for layer in (model.score16, model.score8):
-            torch.nn.init.normal_(layer.weight, std=0.1)
+    for name in ("score16", "score8", "score4"):  # the skip score layers start at zero; make them count
+        if hasattr(model, name):
+            torch.nn.init.normal_(getattr(model, name).weight, std=0.1)
+    if variant == "4s":  # the final upsampler is the stride-4 one (kernel 8) the fused loss computes
+        assert (model.upsample_final.stride, model.upsample_final.kernel_size) == (4, 8)
     image = torch.randn(2, 3, 67, 93)  # not a multiple of 32: padded, then cropped back
     target = torch.randint(0, 3, (2, 67, 93))
     target[:, :5] = 255

@@ -48,7 +48,7 @@ def frozen_model(variant: str) -> torch.nn.Module:
     return model.train()
 
 
-@pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
+@pytest.mark.parametrize("variant", ["32s", "16s", "8s", "4s"])
 def test_pack_unpack_round_trip(variant):
     model = frozen_model(variant)
     with torch.no_grad():
@@ -56,10 +56,11 @@ def test_pack_unpack_round_trip(variant):
     restored = unpack_features(pack_features(features, variant), model.backbone.channels, variant)
     for original, back in zip(features, restored):
         assert back is None or torch.equal(original, back)
-    assert restored[2] is not None and (restored[0] is None) == (variant != "8s")
+    read = {"32s": 1, "16s": 2, "8s": 3, "4s": 4}[variant]  # taps read, from the end (c32 first)
+    assert len(restored) == 4 and all((back is None) == (k < 4 - read) for k, back in enumerate(restored))
 
 
-@pytest.mark.parametrize("variant", ["32s", "8s"])
+@pytest.mark.parametrize("variant", ["32s", "8s", "4s"])
 def test_cached_head_equals_the_full_frozen_model_on_the_same_view(variant):
     model = frozen_model(variant)
     views = augmented()
@@ -155,3 +156,26 @@ def test_a_resumed_cached_run_matches_an_uninterrupted_one(scenes, tmp_path):
     a = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cached_fcn4s_run_trains_the_stride_4_skip(scenes, tmp_path):
+    train(cached_config(scenes, tmp_path / "run", variant="4s", epochs=1, eval_every=99), progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["model_kwargs"]["variant"] == "4s"
+    assert torch.count_nonzero(checkpoint["state_dict"]["score4.weight"]) > 0  # it starts at zero
+
+
+def test_the_stride_4_tap_is_in_the_fingerprint_of_4s_caches_only():
+    from fcnseg.training.feature_cache import cache_fingerprint
+
+    views = augmented()
+    fingerprints = {}
+    for c4 in (64, 65):  # a body whose stride-4 tap differs, nothing else
+        for variant in ("8s", "4s"):
+            torch.manual_seed(0)  # the same body weights every time
+            model = frozen_model(variant)
+            model.backbone.channels = (c4, *model.backbone.channels[1:])
+            fingerprints[c4, variant] = cache_fingerprint(model, views, 2, "float16")
+    # caches made before FCN-4s (bodies of three taps) stay valid for 32s/16s/8s
+    assert fingerprints[64, "8s"] == fingerprints[65, "8s"]
+    assert fingerprints[64, "4s"] != fingerprints[65, "4s"] and fingerprints[64, "4s"] != fingerprints[64, "8s"]

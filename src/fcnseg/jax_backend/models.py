@@ -1,4 +1,4 @@
-"""The FCN (32s/16s/8s) on ResNet-18/34/50 and MobileNetV2 in Flax Linen, as `fcnseg.models` computes it.
+"""The FCN (32s/16s/8s/4s) on ResNet-18/34/50 and MobileNetV2 in Flax Linen, as `fcnseg.models` computes it.
 
 Layout is NHWC (XLA's preferred layout on CPUs); every module is named after the PyTorch module it
 mirrors, with dotted names where torchvision nests ``nn.Sequential`` containers, so that a parameter's
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 OUTPUT_STRIDE = 32
-VARIANTS = ("32s", "16s", "8s")
+VARIANTS = ("32s", "16s", "8s", "4s")
 UPSAMPLERS = ("bilinear", "xavier", "fixed")
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * running + m * batch
@@ -129,41 +129,45 @@ RESNET_DEPTHS = {"resnet18": ((2, 2, 2, 2), False), "resnet34": ((3, 4, 6, 3), F
 
 
 class ResNetStage8(nn.Module):
-    """``nn.Sequential(conv1, bn1, relu, maxpool, layer1, layer2)``: keys ``0``, ``1``, ``4``, ``5``."""
+    """``nn.Sequential(conv1, bn1, relu, maxpool, layer1, layer2)``: keys ``0``, ``1``, ``4``, ``5``.
+
+    Returns ``(c4, c8)``: layer1's output (the stride-4 tap) and layer2's.
+    """
 
     arch: str
     folded: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         depths, bottleneck = RESNET_DEPTHS[self.arch]
         e = 4 if bottleneck else 1
         x = nn.relu(conv_bn(x, 64, 7, "0", "1", folded=self.folded, train=train, stride=2, padding=3))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        x = ResNetLayer(64, depths[0], 1, 64, bottleneck, self.folded, name="4")(x, train)
-        return ResNetLayer(128, depths[1], 2, 64 * e, bottleneck, self.folded, name="5")(x, train)
+        c4 = ResNetLayer(64, depths[0], 1, 64, bottleneck, self.folded, name="4")(x, train)
+        return c4, ResNetLayer(128, depths[1], 2, 64 * e, bottleneck, self.folded, name="5")(c4, train)
 
 
 class ResNetBody(nn.Module):
-    """The ResNet body with taps after layer2, layer3 and layer4 (strides 8, 16, 32)."""
+    """The ResNet body with taps after layer1, layer2, layer3 and layer4 (strides 4, 8, 16, 32)."""
 
     arch: str
     folded: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
         depths, bottleneck = RESNET_DEPTHS[self.arch]
         e = 4 if bottleneck else 1
-        c8 = ResNetStage8(self.arch, self.folded, name="stage8")(x, train)
+        c4, c8 = ResNetStage8(self.arch, self.folded, name="stage8")(x, train)
         c16 = ResNetLayer(256, depths[2], 2, 128 * e, bottleneck, self.folded, name="stage16")(c8, train)
         c32 = ResNetLayer(512, depths[3], 2, 256 * e, bottleneck, self.folded, name="stage32")(c16, train)
-        return c8, c16, c32
+        return c4, c8, c16, c32
 
 
 # MobileNetV2 inverted residual settings (expansion t, channels c, repeats n, first stride s).
 _MOBILENET_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                        (6, 160, 3, 2), (6, 320, 1, 1))
 _MOBILENET_STAGE_ENDS = (7, 14, 19)  # as fcnseg.models.backbones: features [0, 7), [7, 14), [14, 19)
+_MOBILENET_STAGE4_END = 4  # features[:4] ends at stride 4 (24 channels): the stride-4 tap
 
 
 def mobilenet_features() -> list[tuple]:
@@ -203,36 +207,43 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetStage(nn.Module):
-    """``features[start:stop]`` of MobileNetV2, children named from 0 as in ``nn.Sequential(*f[a:b])``."""
+    """``features[start:stop]`` of MobileNetV2, children named from 0 as in ``nn.Sequential(*f[a:b])``.
+
+    With ``tap`` set, returns ``(the output of the first tap children, the stage's output)``.
+    """
 
     start: int
     stop: int
     folded: bool = False
+    tap: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        tapped = x
         for j, (kind, c_in, c_out, stride, t) in enumerate(mobilenet_features()[self.start:self.stop]):
+            if j == self.tap:
+                tapped = x
             if kind == "block":
                 x = InvertedResidual(c_in, c_out, stride, t, self.folded, name=str(j))(x, train)
             else:
                 kernel, pad = (3, 1) if kind == "stem" else (1, 0)
                 x = nn.relu6(conv_bn(x, c_out, kernel, f"{j}.0", f"{j}.1", folded=self.folded, train=train,
                                      stride=stride, padding=pad))
-        return x
+        return x if self.tap is None else (tapped, x)
 
 
 class MobileNetBody(nn.Module):
-    """MobileNetV2 ``features`` with taps at strides 8, 16 and 32."""
+    """MobileNetV2 ``features`` with taps at strides 4, 8, 16 and 32."""
 
     folded: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
         a, b, c = _MOBILENET_STAGE_ENDS
-        c8 = MobileNetStage(0, a, self.folded, name="stage8")(x, train)
+        c4, c8 = MobileNetStage(0, a, self.folded, _MOBILENET_STAGE4_END, name="stage8")(x, train)
         c16 = MobileNetStage(a, b, self.folded, name="stage16")(c8, train)
         c32 = MobileNetStage(b, c, self.folded, name="stage32")(c16, train)
-        return c8, c16, c32
+        return c4, c8, c16, c32
 
 
 def bilinear_kernel(channels: int, kernel_size: int) -> np.ndarray:
@@ -314,7 +325,7 @@ class Upsampler(nn.Module):
 
 
 class FCN(nn.Module):
-    """FCN-32s/16s/8s; ``__call__`` maps NHWC images ``(N, H, W, 3)`` to logits ``(N, H, W, C)``.
+    """FCN-32s/16s/8s/4s; ``__call__`` maps NHWC images ``(N, H, W, 3)`` to logits ``(N, H, W, C)``.
 
     Attributes mirror `fcnseg.models.fcn.FCN` and its builders' arguments; ``folded`` selects the
     inference form (no BatchNorm; only for prediction).
@@ -343,20 +354,22 @@ class FCN(nn.Module):
         return _head(self, *features)[:, :h, :w]
 
 
-def _head(fcn: FCN, c8: jax.Array, c16: jax.Array, c32: jax.Array) -> jax.Array:
+def _head(fcn: FCN, c4: jax.Array, c8: jax.Array, c16: jax.Array, c32: jax.Array) -> jax.Array:
     """Scores and upsamplers (created inside `FCN.__call__`, so they are the FCN's children)."""
     c, init = fcn.num_classes, fcn.upsampler
     score = nn.Conv(c, (1, 1), kernel_init=_SCORE_INIT, bias_init=symmetric_uniform(1.0 / float(np.sqrt(c32.shape[-1]))),
                     name="score32")(c32)
     if fcn.variant != "32s":
         score = Upsampler(c, 2, init, name="upsample32to16")(score) + _zero_conv(c16, c, "score16")
-        if fcn.variant == "8s":
-            score = Upsampler(c, 2, init, name="upsample16to8")(score) + _zero_conv(c8, c, "score8")
-    stride = {"32s": 32, "16s": 16, "8s": 8}[fcn.variant]
+    if fcn.variant in ("8s", "4s"):
+        score = Upsampler(c, 2, init, name="upsample16to8")(score) + _zero_conv(c8, c, "score8")
+    if fcn.variant == "4s":
+        score = Upsampler(c, 2, init, name="upsample8to4")(score) + _zero_conv(c4, c, "score4")
+    stride = {"32s": 32, "16s": 16, "8s": 8, "4s": 4}[fcn.variant]
     return Upsampler(c, stride, init, fcn.upsampler_bias, name="upsample_final")(score)
 
 
 def _zero_conv(x: jax.Array, features: int, name: str) -> jax.Array:
-    """The 16s/8s skip scores start at zero: a fresh 16s/8s predicts what its 32s does."""
+    """The skip scores start at zero: a fresh 16s/8s/4s predicts what the coarser variant it extends does."""
     return nn.Conv(features, (1, 1), kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                    name=name)(x)

@@ -1,4 +1,4 @@
-"""torchvision classification bodies as FCN feature extractors with taps at strides 8, 16 and 32.
+"""torchvision classification bodies as FCN feature extractors with taps at strides 4, 8, 16 and 32.
 
 ImageNet weights come from torchvision's weights enums when online, or from a local state-dict
 file (loaded strictly, ``weights_only=True``) when not. This module knows nothing of datasets,
@@ -27,26 +27,33 @@ class BackboneSpec:
 
     builder: Callable[..., nn.Module]
     weights_enum: type
-    channels: tuple[int, int, int]  # channels at strides 8, 16, 32
+    channels: tuple[int, int, int, int]  # channels at strides 4, 8, 16, 32
 
 
 BACKBONES: Mapping[str, BackboneSpec] = MappingProxyType({
-    "resnet18": BackboneSpec(torchvision.models.resnet18, torchvision.models.ResNet18_Weights, (128, 256, 512)),
-    "resnet34": BackboneSpec(torchvision.models.resnet34, torchvision.models.ResNet34_Weights, (128, 256, 512)),
-    "resnet50": BackboneSpec(torchvision.models.resnet50, torchvision.models.ResNet50_Weights, (512, 1024, 2048)),
-    "mobilenet_v2": BackboneSpec(torchvision.models.mobilenet_v2, torchvision.models.MobileNet_V2_Weights, (32, 96, 1280)),
+    "resnet18": BackboneSpec(torchvision.models.resnet18, torchvision.models.ResNet18_Weights, (64, 128, 256, 512)),
+    "resnet34": BackboneSpec(torchvision.models.resnet34, torchvision.models.ResNet34_Weights, (64, 128, 256, 512)),
+    "resnet50": BackboneSpec(torchvision.models.resnet50, torchvision.models.ResNet50_Weights,
+                             (256, 512, 1024, 2048)),
+    "mobilenet_v2": BackboneSpec(torchvision.models.mobilenet_v2, torchvision.models.MobileNet_V2_Weights,
+                                 (24, 32, 96, 1280)),
 })
 
 # MobileNetV2 `features` indices that end each stride: [0, 7) -> 8, [7, 14) -> 16, [14, 19) -> 32.
 _MOBILENET_STAGE_ENDS = (7, 14, 19)
+# How many children of ``stage8`` make the stride-4 tap: ResNet's conv1, bn1, relu, maxpool and
+# layer1; MobileNetV2's features[:4] (its last stride-4 block, 24 channels).
+_STAGE4_END = {"resnet": 5, "mobilenet": 4}
 
 
 class Backbone(nn.Module):
     """A classification body split into three stages ending at strides 8, 16 and 32.
 
-    ``forward`` returns the three feature maps ``(c8, c16, c32)``; for ResNet they are the outputs
-    of layer2, layer3 and layer4 (the chapter's body is everything up to layer4, without avgpool
-    and fc). ``body`` is the torchvision module whose state dict ImageNet files describe.
+    ``forward`` returns four feature maps ``(c4, c8, c16, c32)``; for ResNet they are the outputs
+    of layer1, layer2, layer3 and layer4 (the chapter's body is everything up to layer4, without
+    avgpool and fc). ``c4`` is read inside ``stage8`` (after its first ``stage4_end`` children), so
+    the state-dict keys are those of the three stages; only FCN-4s uses it. ``channels`` lists the
+    four maps' channels. ``body`` is the torchvision module whose state dict ImageNet files describe.
     """
 
     def __init__(self, name: str) -> None:
@@ -56,6 +63,7 @@ class Backbone(nn.Module):
         self.name = name
         self.channels = BACKBONES[name].channels
         net = BACKBONES[name].builder(weights=None)
+        self.stage4_end = _STAGE4_END["resnet" if name.startswith("resnet") else "mobilenet"]
         if name.startswith("resnet"):
             self.stage8 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
             self.stage16 = net.layer3
@@ -69,11 +77,15 @@ class Backbone(nn.Module):
         # Kept only to map torchvision's key names onto ours; not registered as a submodule.
         self._keymap = _torchvision_key_map(net, self)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c8 = self.stage8(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        c4 = c8 = x
+        for index, layer in enumerate(self.stage8):
+            c8 = layer(c8)
+            if index + 1 == self.stage4_end:
+                c4 = c8
         c16 = self.stage16(c8)
         c32 = self.stage32(c16)
-        return c8, c16, c32
+        return c4, c8, c16, c32
 
     def load_torchvision_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Loads a torchvision state dict of the whole classifier or of its body, strictly.

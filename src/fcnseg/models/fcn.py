@@ -3,7 +3,12 @@
 FCN-32s: body -> 1x1 conv to class scores -> transposed conv (kernel 64, stride 32, padding 16,
 bilinear init). FCN-16s and FCN-8s add score maps of the stride-16 and stride-8 stages through 2x
 transposed convs (the paper's skip architecture); their score layers start at zero so a fresh
-16s/8s predicts what the 32s it extends predicts.
+16s/8s predicts what the 32s it extends predicts. FCN-4s (not in the paper) takes one more skip,
+from the stride-4 stage (ResNet's layer1), for thin classes; a fresh 4s predicts what its 8s does
+up to the difference between one bilinear x8 upsampling and two (x2 then x4).
+
+The body's features are ``(c4, c8, c16, c32)`` (`fcnseg.models.backbones.Backbone`); the head reads
+them from the end, so a body of three taps ``(c8, c16, c32)`` serves every variant but 4s.
 """
 from __future__ import annotations
 
@@ -17,13 +22,15 @@ from torch import nn
 from fcnseg.models.backbones import BACKBONES, WeightsArg, build_backbone
 from fcnseg.models.upsample import UPSAMPLER_CHOICES, TransposedConvUpsampler, UpsamplerInit
 
-Variant = Literal["32s", "16s", "8s"]
-VARIANTS: tuple[str, ...] = ("32s", "16s", "8s")
+Variant = Literal["32s", "16s", "8s", "4s"]
+VARIANTS: tuple[str, ...] = ("32s", "16s", "8s", "4s")
+# The stride of the scores that enter each variant's final upsampler.
+VARIANT_STRIDES: Mapping[str, int] = MappingProxyType({"32s": 32, "16s": 16, "8s": 8, "4s": 4})
 OUTPUT_STRIDE = 32
 
 
 class FCN(nn.Module):
-    """FCN-32s/16s/8s on a `Backbone`; ``forward`` returns logits of the input's exact size.
+    """FCN-32s/16s/8s/4s on a `Backbone`; ``forward`` returns logits of the input's exact size.
 
     Inputs of any size are padded (bottom and right, with zeros: the mean colour after ImageNet
     normalisation) to a multiple of 32 so that every stage aligns exactly, and the logits are
@@ -53,19 +60,22 @@ class FCN(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.variant = variant
-        c8, c16, c32 = backbone.channels
-        self.score32 = nn.Conv2d(c32, num_classes, kernel_size=1)
-        if variant == "32s":
-            self.upsample_final = TransposedConvUpsampler(num_classes, 32, upsampler, bias=upsampler_bias)
-        else:
-            self.score16 = _zero_conv1x1(c16, num_classes)
+        channels = tuple(backbone.channels)
+        if variant == "4s" and len(channels) < 4:
+            raise ValueError(f"FCN-4s needs a body with a stride-4 tap: channels {channels} has only "
+                             f"strides 8, 16, 32")
+        self.score32 = nn.Conv2d(channels[-1], num_classes, kernel_size=1)
+        if variant != "32s":
+            self.score16 = _zero_conv1x1(channels[-2], num_classes)
             self.upsample32to16 = TransposedConvUpsampler(num_classes, 2, upsampler)
-            if variant == "16s":
-                self.upsample_final = TransposedConvUpsampler(num_classes, 16, upsampler, bias=upsampler_bias)
-            else:
-                self.score8 = _zero_conv1x1(c8, num_classes)
-                self.upsample16to8 = TransposedConvUpsampler(num_classes, 2, upsampler)
-                self.upsample_final = TransposedConvUpsampler(num_classes, 8, upsampler, bias=upsampler_bias)
+        if variant in ("8s", "4s"):
+            self.score8 = _zero_conv1x1(channels[-3], num_classes)
+            self.upsample16to8 = TransposedConvUpsampler(num_classes, 2, upsampler)
+        if variant == "4s":
+            self.score4 = _zero_conv1x1(channels[-4], num_classes)
+            self.upsample8to4 = TransposedConvUpsampler(num_classes, 2, upsampler)
+        self.upsample_final = TransposedConvUpsampler(num_classes, VARIANT_STRIDES[variant], upsampler,
+                                                      bias=upsampler_bias)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -81,20 +91,30 @@ class FCN(nn.Module):
         """Args: image ``(N, 3, H, W)`` normalised. Returns: logits ``(N, num_classes, H, W)``."""
         h, w = image.shape[-2:]
         padded = pad_to_multiple(image, OUTPUT_STRIDE)
-        c8, c16, c32 = self.backbone(padded)
-        return self.head(c8, c16, c32)[..., :h, :w]
+        return self.head(*self.backbone(padded))[..., :h, :w]
 
-    def head(self, c8: torch.Tensor, c16: torch.Tensor, c32: torch.Tensor) -> torch.Tensor:
-        """Scores and upsamplers on body features (padded size); used alone with cached features."""
-        return self.upsample_final(self.scores(c8, c16, c32))
+    def head(self, *features: torch.Tensor | None) -> torch.Tensor:
+        """Scores and upsamplers on body features (padded size); used alone with cached features.
 
-    def scores(self, c8: torch.Tensor, c16: torch.Tensor, c32: torch.Tensor) -> torch.Tensor:
-        """The class scores that enter the final upsampler: stride 32, 16 or 8 by variant."""
-        score = self.score32(c32)
+        Args:
+            *features: the body's ``(c4, c8, c16, c32)`` (or ``(c8, c16, c32)``); maps the variant
+                does not read may be None.
+        """
+        return self.upsample_final(self.scores(*features))
+
+    def scores(self, *features: torch.Tensor | None) -> torch.Tensor:
+        """The class scores that enter the final upsampler: stride 32, 16, 8 or 4 by variant.
+
+        Args:
+            *features: as `head`, read from the end (``features[-1]`` is ``c32``).
+        """
+        score = self.score32(features[-1])
         if self.variant != "32s":
-            score = self.upsample32to16(score) + self.score16(c16)
-            if self.variant == "8s":
-                score = self.upsample16to8(score) + self.score8(c8)
+            score = self.upsample32to16(score) + self.score16(features[-2])
+        if self.variant in ("8s", "4s"):
+            score = self.upsample16to8(score) + self.score8(features[-3])
+        if self.variant == "4s":
+            score = self.upsample8to4(score) + self.score4(features[-4])
         return score
 
 
@@ -151,7 +171,7 @@ def fcn_resnet18(
     """FCN on ResNet-18: the chapter's model (with ``variant="32s"``).
 
     Args:
-        variant: "32s", "16s" or "8s".
+        variant: "32s", "16s", "8s" or "4s" (a stride-4 skip from layer1, for thin classes).
         num_classes: classes including background (21 for VOC).
         weights_backbone: "DEFAULT" for torchvision's ImageNet weights, a path to a local
             state-dict file, or None for random initialisation.

@@ -1,8 +1,8 @@
 """Packed body features and the FCN head that trains on them, for frozen-backbone training on a cache.
 
-The head reads ``c32`` (FCN-32s), plus ``c16`` (16s), plus ``c8`` (8s) of the body's features;
-`pack_features` keeps only those, in one tensor on the stride-32 grid (``c16`` and ``c8`` by
-space-to-depth, an exact rearrangement), so that a cached sample is an ordinary 4-D "image" the
+The head reads ``c32`` (FCN-32s), plus ``c16`` (16s), plus ``c8`` (8s), plus ``c4`` (4s) of the
+body's features; `pack_features` keeps only those, in one tensor on the stride-32 grid (``c16``,
+``c8`` and ``c4`` by space-to-depth, an exact rearrangement), so that a cached sample is an ordinary 4-D "image" the
 training step handles like any other, and `CachedFeatureHead` takes the place of the model.
 `fcnseg.training.feature_cache` builds and stores the cache.
 """
@@ -16,13 +16,14 @@ from torch import nn
 
 from fcnseg.models.fcn import FCN
 
-# Which of (c8, c16, c32) each variant's head reads, and the space-to-depth factor of each tap.
-_HEAD_TAPS: dict[str, tuple[int, ...]] = {"32s": (2,), "16s": (1, 2), "8s": (0, 1, 2)}
-_TAP_FACTORS = (4, 2, 1)
+# Which taps each variant's head reads, counted from the end of the body's features (-1 is c32,
+# -4 is c4), and the space-to-depth factor of each tap.
+_HEAD_TAPS: dict[str, tuple[int, ...]] = {"32s": (-1,), "16s": (-2, -1), "8s": (-3, -2, -1), "4s": (-4, -3, -2, -1)}
+_TAP_FACTORS = {-1: 1, -2: 2, -3: 4, -4: 8}
 
 
 def packed_channels(channels: Sequence[int], variant: str) -> int:
-    """Channels of the packed features of a body with ``channels`` (at strides 8, 16, 32)."""
+    """Channels of the packed features of a body with ``channels`` (at strides (4,) 8, 16, 32)."""
     return sum(channels[k] * _TAP_FACTORS[k] ** 2 for k in _HEAD_TAPS[variant])
 
 
@@ -30,28 +31,28 @@ def pack_features(features: Sequence[torch.Tensor], variant: str) -> torch.Tenso
     """The body features a variant's head reads, as one tensor on the stride-32 grid.
 
     Args:
-        features: ``(c8, c16, c32)`` at the padded input size (multiples of 32).
-        variant: "32s", "16s" or "8s".
+        features: ``(c4, c8, c16, c32)`` (or ``(c8, c16, c32)``) at the padded input size
+            (multiples of 32).
+        variant: "32s", "16s", "8s" or "4s".
 
     Returns:
-        ``(N, packed_channels, H/32, W/32)``: ``c32``, preceded by ``c16`` and ``c8`` rearranged by
-        ``F.pixel_unshuffle`` when the head reads them.
+        ``(N, packed_channels, H/32, W/32)``: ``c32``, preceded by ``c16``, ``c8`` and ``c4``
+        rearranged by ``F.pixel_unshuffle`` when the head reads them.
     """
     parts = [F.pixel_unshuffle(features[k], _TAP_FACTORS[k]) if _TAP_FACTORS[k] > 1 else features[k]
              for k in _HEAD_TAPS[variant]]
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
-def unpack_features(
-    packed: torch.Tensor, channels: Sequence[int], variant: str
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Inverse of `pack_features`: ``(c8, c16, c32)``, None for taps the head does not read."""
+def unpack_features(packed: torch.Tensor, channels: Sequence[int], variant: str) -> tuple[torch.Tensor | None, ...]:
+    """Inverse of `pack_features`: one map per entry of ``channels`` (``(c4, c8, c16, c32)`` for
+    fcnseg's bodies), None for taps the head does not read."""
     taps = _HEAD_TAPS[variant]
     parts = packed.split([channels[k] * _TAP_FACTORS[k] ** 2 for k in taps], 1)
-    out: list[torch.Tensor | None] = [None, None, None]
+    out: list[torch.Tensor | None] = [None] * len(channels)
     for k, part in zip(taps, parts):
         out[k] = F.pixel_shuffle(part, _TAP_FACTORS[k]) if _TAP_FACTORS[k] > 1 else part
-    return out[0], out[1], out[2]  # type: ignore[return-value]
+    return tuple(out)
 
 
 class CachedFeatureHead(nn.Module):
@@ -73,9 +74,9 @@ class CachedFeatureHead(nn.Module):
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         """Args: packed ``(N, C_packed, H/32, W/32)``, any float dtype. Returns: ``(N, C, H, W)``."""
-        c8, c16, c32 = unpack_features(packed.float(), self.model.backbone.channels, self.model.variant)
+        features = unpack_features(packed.float(), self.model.backbone.channels, self.model.variant)
         h, w = self.size
-        return self.model.head(c8, c16, c32)[..., :h, :w]
+        return self.model.head(*features)[..., :h, :w]
 
     def loss(self, packed: torch.Tensor, target: torch.Tensor, *, class_weights: torch.Tensor | None = None,
              reduction: str = "mean") -> torch.Tensor:
@@ -90,8 +91,8 @@ class CachedFeatureHead(nn.Module):
 
         if not self.model.upsample_final.learnable:
             return segmentation_loss(self(packed), target, class_weights=class_weights, reduction=reduction)
-        c8, c16, c32 = unpack_features(packed.float(), self.model.backbone.channels, self.model.variant)
-        return upsample_cross_entropy(self.model.scores(c8, c16, c32), self.model.upsample_final, target,
+        features = unpack_features(packed.float(), self.model.backbone.channels, self.model.variant)
+        return upsample_cross_entropy(self.model.scores(*features), self.model.upsample_final, target,
                                       class_weights=class_weights, reduction=reduction)
 
 

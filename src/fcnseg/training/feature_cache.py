@@ -243,7 +243,9 @@ def cache_fingerprint(model: FCN, views: Dataset, num_views: int, dtype: str) ->
     description = {
         "format_version": FORMAT_VERSION,
         "variant": model.variant,
-        "channels": list(model.backbone.channels),
+        # A body's stride-8/16/32 channels, as caches made before FCN-4s recorded them: its stride-4
+        # tap changes nothing a 32s/16s/8s cache holds, so those caches stay valid.
+        "channels": list(model.backbone.channels[-4 if model.variant == "4s" else -3:]),
         "num_views": num_views,
         "dtype": dtype,
         "dataset": type(base).__name__,

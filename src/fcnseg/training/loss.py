@@ -56,8 +56,8 @@ def fcn_cross_entropy(
     if not model.upsample_final.learnable:
         return segmentation_loss(model(image), target, class_weights=class_weights, reduction=reduction,
                                  ignore_index=ignore_index)
-    c8, c16, c32 = model.backbone(pad_to_multiple(image, OUTPUT_STRIDE))
-    return upsample_cross_entropy(model.scores(c8, c16, c32), model.upsample_final, target,
+    features = model.backbone(pad_to_multiple(image, OUTPUT_STRIDE))
+    return upsample_cross_entropy(model.scores(*features), model.upsample_final, target,
                                   class_weights=class_weights, reduction=reduction, ignore_index=ignore_index)
 
 
