@@ -8,7 +8,7 @@ VOC2012 cannot be downloaded here, so this writes a stand-in with VOC's shape: a
 border around every object, ``ImageSets/Segmentation/{train,val}.txt``) of procedural scenes
 (`fcnseg.data.synthetic.draw_scene`), about VOC's image size (375x500), with one image in ten
 smaller than the chapter's 320x480 crop so that the recipe drops some as the chapter's reader does
-on VOC. Then ``fcnseg train --dataset voc --recipe d2l|d2l-mxnet|d2l-jax`` reads it exactly as it
+on VOC. Then ``fcnseg train --dataset voc2012 --recipe d2l|d2l-mxnet|d2l-jax`` reads it exactly as it
 reads VOC2012 and prints the chapter's loss, train acc and test acc; the table lands in
 ``OUT/table.md``. The scenes are not photographs: the rows show that the recipes run and what they
 print on VOC's format, not what they score on VOC.
@@ -110,7 +110,7 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         run = out / slug(name)
-        argv = ["train", *options, "--dataset", "voc", "--root", str(data), "--seed", "0", "--no-progress",
+        argv = ["train", *options, "--dataset", "voc2012", "--root", str(data), "--seed", "0", "--no-progress",
                 "--out", str(run)]
         print("fcnseg " + " ".join(repo_relative(a) for a in argv), flush=True)
         if args.dry_run:
