@@ -11,7 +11,7 @@ included), its ratio to torch fp32 measured in the same run, the first call's se
 compilation), and on ``--images`` CamVid val images the share of pixels with the same class as
 torch fp32 and the mIoU against the ground truth. INT8 is the file ``fcnseg export --int8`` writes
 (QDQ, calibrated on ``--calibration-images`` CamVid train images), run by onnxruntime and by
-OpenVINO. Without ``--checkpoint`` the model is the recommended CamVid model's architecture
+OpenVINO; torch-int8 is PyTorch's own (PT2E, `fcnseg.inference.pt2e_engine`) calibrated on the same images. Without ``--checkpoint`` the model is the recommended CamVid model's architecture
 (MobileNetV2 FCN-8s) with the ImageNet body of ../shared/data/weights and a zero-initialised head,
 so it predicts one class and agreement/mIoU say nothing: give a trained checkpoint for those.
 
@@ -43,6 +43,7 @@ CONFIGS: dict[str, tuple[str, str, bool, bool]] = {
     "torch-bf16-compile": ("torch", "bf16", True, False),
     "ort-fp32": ("onnxruntime", "none", False, False),
     "ort-int8": ("onnxruntime", "none", False, True),
+    "torch-int8": ("torch-int8", "none", False, False),  # PT2E, calibrated on the same train images
     "ov-f32": ("openvino", "none", False, False),
     "ov-bf16": ("openvino", "bf16", False, False),
     "ov-int8": ("openvino", "none", False, True),
@@ -163,7 +164,13 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         segmenter = onnx_segmenter(workdir / "int8.onnx", backend=engine, amp=amp)
     else:
         checkpoint = (workdir / "checkpoint.txt").read_text()
-        segmenter = Segmenter.from_checkpoint(checkpoint, "cpu", backend=engine, amp=amp, compile=compile_)
+        calibration = []
+        if engine == "torch-int8":
+            from fcnseg.export.int8 import calibration_files
+
+            calibration = calibration_files(Path(args.camvid) / "train", args.calibration_images)
+        segmenter = Segmenter.from_checkpoint(checkpoint, "cpu", backend=engine, amp=amp, compile=compile_,
+                                              calibration=calibration)
     build_s = time.perf_counter() - started
     images = json.loads((workdir / "images.json").read_text())
     x = segmenter.preprocess(images[0])[None]
@@ -271,7 +278,8 @@ def fastest(results: dict[str, Any]) -> dict[str, tuple[str, float]]:
     """Per precision (fp32, bf16, int8), the configuration with the most images per second."""
     best: dict[str, tuple[str, float]] = {}
     for name, row in results["configs"].items():
-        precision = "int8" if CONFIGS[name][3] else ("bf16" if CONFIGS[name][1] == "bf16" else "fp32")
+        int8 = CONFIGS[name][3] or CONFIGS[name][0] == "torch-int8"
+        precision = "int8" if int8 else ("bf16" if CONFIGS[name][1] == "bf16" else "fp32")
         rate = row["images_per_s"]
         if rate is not None and rate > best.get(precision, ("", 0.0))[1]:
             best[precision] = (name, rate)

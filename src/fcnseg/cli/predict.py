@@ -55,6 +55,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=backend_names(), default="torch", help="the engine running the model")
     options.add_flag(p, "--compile", default=False,
                      help="compile the model (torch.compile for the torch backend): slower start, faster after")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="--backend torch-int8: a folder of images like those to segment, to calibrate the INT8 model")
+    p.add_argument("--calibration-images", type=options.positive_int, default=32, metavar="N",
+                   help="how many of the calibration folder's images calibrate (spread over the folder)")
     options.add_device_option(p)
     options.add_amp_option(p)
     options.add_max_pixels_option(p)
@@ -128,6 +132,23 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise OptionError(f"--masks {args.masks}: no such file or folder")
 
 
+def _calibration_images(args: argparse.Namespace) -> list:
+    """The files of ``--calibration`` (for ``--backend torch-int8``), checked before the model loads.
+
+    Raises:
+        OptionError: --calibration without a quantising backend.
+        UsageError: the folder is missing or holds no images.
+    """
+    if args.calibration is None:
+        return []
+    if args.backend != "torch-int8":
+        raise OptionError("--calibration calibrates --backend torch-int8 (for an INT8 ONNX file: fcnseg export "
+                          "--int8 --calibration DIR)")
+    from fcnseg.export.int8 import calibration_files
+
+    return calibration_files(args.calibration, args.calibration_images)
+
+
 def _load_segmenter(args: argparse.Namespace, device: torch.device) -> Segmenter:
     """The checkpoint's model as a Segmenter with the command's options; the window defaults to the training crop.
 
@@ -148,6 +169,7 @@ def _load_segmenter(args: argparse.Namespace, device: torch.device) -> Segmenter
         check_window(window, args.stride)
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, mode=args.mode, window=window, stride=args.stride,
                                           flip=args.flip, batch_size=args.batch_size, amp=args.amp,
-                                          backend=args.backend, compile=args.compile)
+                                          backend=args.backend, compile=args.compile,
+                                          calibration=_calibration_images(args))
     del checkpoint  # the model holds its own copy of the weights
     return segmenter

@@ -34,12 +34,14 @@ class EngineRequest:
         dtype: the autocast dtype the segmenter predicts with (None for float32); an engine that
             cannot run it raises `OptionError`.
         compile: compile the engine's graph where the engine has such a step.
+        calibration: normalised images ``(1, 3, H, W)`` for engines that quantise (``torch-int8``).
     """
 
     model: nn.Module
     device: torch.device
     dtype: torch.dtype | None
     compile: bool = False
+    calibration: tuple[torch.Tensor, ...] = ()
 
 
 Factory = Callable[[EngineRequest], Engine]
@@ -52,8 +54,9 @@ _FACTORIES: dict[str, str] = {
     "onnxruntime": "fcnseg.inference.onnx_engine:onnxruntime_engine",
     "openvino": "fcnseg.inference.openvino_engine:openvino_engine",
     "jax": "fcnseg.jax_backend.engine:jax_engine",
+    "torch-int8": "fcnseg.inference.pt2e_engine:pt2e_int8_engine",
 }
-_EXTRAS: dict[str, str] = {"onnxruntime": "onnxruntime", "openvino": "openvino", "jax": "jax"}
+_EXTRAS: dict[str, str] = {"onnxruntime": "onnxruntime", "openvino": "openvino", "jax": "jax", "torch-int8": "int8"}
 # The package each optional engine imports: "auto" considers an engine installed when it is found.
 _PACKAGES: dict[str, str] = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
@@ -124,6 +127,24 @@ def auto_engine(request: EngineRequest) -> Engine:
         return torch_engine(request)
 
 
+class FrozenCompiled(nn.Module):
+    """A compiled module called with inductor's freezing on.
+
+    An `nn.Module`, as the torch engine is, so that `Segmenter` knows torch computes and leaves its
+    threads alone (it keeps torch single-threaded only while a foreign engine runs).
+    """
+
+    def __init__(self, compiled: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config  # torch's documented switch for freezing
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(batch)
+
+
 def torch_engine(request: EngineRequest) -> Engine:
     """The model itself; with ``compile``, `torch.compile` of it (shapes may vary between calls).
 
@@ -133,12 +154,4 @@ def torch_engine(request: EngineRequest) -> Engine:
     """
     if not request.compile:
         return request.model
-    import torch._inductor.config as inductor_config  # torch's documented switch for freezing
-
-    compiled = torch.compile(request.model, dynamic=None)
-
-    def engine(batch: torch.Tensor) -> torch.Tensor:
-        with inductor_config.patch(freezing=True):
-            return compiled(batch)
-
-    return engine
+    return FrozenCompiled(torch.compile(request.model, dynamic=None))

@@ -58,6 +58,8 @@ class Segmenter:
             (the default) or an installed optional engine.
         compile: compile the engine's graph (`torch.compile` for "torch"): slower first calls,
             faster later ones.
+        calibration: images (as `predict` takes them) that calibrate a quantising engine
+            ("torch-int8"): a few dozen like those to be segmented.
 
     Example:
         >>> segmenter = Segmenter.from_checkpoint("runs/voc/best.pt")
@@ -85,6 +87,7 @@ class Segmenter:
         optimize: bool = True,
         backend: str = "torch",
         compile: bool = False,
+        calibration: Sequence[ImageLike] = (),
     ) -> None:
         if mode not in MODES:
             raise OptionError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -100,12 +103,13 @@ class Segmenter:
         self.dtype = amp_dtype if dtype is ... else dtype
         self.model = (inference_form(model) if optimize else model).to(self.device).eval()
         self.backend = backend
-        # What predictions call: the model itself, or an engine built from it.
-        self.engine = make_engine(backend, EngineRequest(self.model, self.device, self.dtype, compile))
         self.classes = list(classes)
         self.colors = [tuple(int(v) for v in c) for c in colors]
         self.mean = torch.tensor([float(m) for m in mean], device=self.device).view(3, 1, 1)
         self.std = torch.tensor([float(s) for s in std], device=self.device).view(3, 1, 1)
+        calibrate = tuple(self.preprocess(image).unsqueeze(0) for image in calibration)
+        # What predictions call: the model itself, or an engine built from it.
+        self.engine = make_engine(backend, EngineRequest(self.model, self.device, self.dtype, compile, calibrate))
         self.mode = mode
         self.window = (int(window[0]), int(window[1]))
         self.stride = stride
@@ -126,7 +130,7 @@ class Segmenter:
             checkpoint: a checkpoint file, a model folder (`from_pretrained`), or a loaded checkpoint dict.
             device: as in `Segmenter`.
             **options: ``mode``, ``window``, ``stride``, ``flip``, ``batch_size``, ``amp`` ("auto"
-                by default, as in `Segmenter`), ``dtype``, ``optimize``, ``backend``, ``compile``.
+                by default, as in `Segmenter`), ``dtype``, ``optimize``, ``backend``, ``compile``, ``calibration``.
 
         Raises:
             CheckpointError: missing, corrupt or foreign checkpoint.

@@ -1,0 +1,67 @@
+"""The "torch-int8" engine (PT2E with torchao's x86 inductor quantizer): calibrated INT8 logits
+against float32, one quantised model per input shape, and the mistakes it refuses."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fcnseg import fcn_resnet18
+from fcnseg.cli import main
+from fcnseg.errors import OptionError
+from fcnseg.inference.segmenter import Segmenter
+from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
+from tests.conftest import tiny_fcn
+
+CLASSES = ["background", "thing", "stuff"]
+COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _photo(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([yy * 255 / (height - 1), xx * 255 / (width - 1), (yy + xx) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny FCN-8s with zero biases, so that it predicts all three classes on `_photo`."""
+    pytest.importorskip("torchao")
+    net = tiny_fcn("8s", seed=1)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+    return net
+
+
+def test_int8_logits_follow_float32_and_each_shape_gets_its_model(model):
+    calibration = [_photo(64, 96, seed) for seed in range(8)]
+    int8 = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="torch-int8", calibration=calibration)
+    fp32 = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")
+    for size, seed in (((64, 96), 20), ((67, 93), 21)):  # the calibration size and another one
+        image = fp32.preprocess(_photo(*size, seed=seed)).unsqueeze(0)
+        want, got = fp32.logits(image), int8.logits(image)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert len(want.argmax(1).unique()) == 3  # the masks compared are not constant
+        # int8 rounding, not another function: the error is a few percent of the logits' spread
+        assert (got - want).abs().mean() < 0.05 * want.std()
+        assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.9
+        assert not torch.equal(got, want)  # it is not the float32 model running
+    assert sorted(int8.engine.built) == [(1, 3, 64, 96), (1, 3, 67, 93)]
+
+
+def test_no_calibration_images_is_refused(model):
+    with pytest.raises(OptionError, match="needs calibration images: --calibration DIR"):
+        Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="torch-int8")
+
+
+def test_cli_calibration_without_the_int8_backend_is_a_usage_error(tmp_path, capsys):
+    net = fcn_resnet18(variant="8s", num_classes=3, weights_backbone=None)
+    checkpoint = save_checkpoint(make_checkpoint(net, classes=CLASSES, colors=COLORS), tmp_path / "m.pt")
+    status = main(["predict", str(checkpoint), str(tmp_path), "--calibration", str(tmp_path), "--no-progress",
+                   "--out", str(tmp_path / "out")])
+    assert status == 2 and "--calibration calibrates --backend torch-int8" in capsys.readouterr().err
