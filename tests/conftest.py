@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -103,3 +104,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def three_class_tiny_fcn(variant: str = "8s") -> FCN:
+    """`tiny_fcn` with zero biases: on `gradient_photo` it predicts all three classes (with its
+    biases, one class everywhere, and mask comparisons would prove nothing)."""
+    net = tiny_fcn(variant, seed=1)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+    return net
+
+
+def gradient_photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A uint8 ``(H, W, 3)`` photo of colour ramps and noise, on which `three_class_tiny_fcn` predicts every class."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([yy * 255 / max(height - 1, 1), xx * 255 / max(width - 1, 1), (yy + xx) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)

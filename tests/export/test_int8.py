@@ -14,7 +14,7 @@ from fcnseg.cli import main
 from fcnseg.errors import UsageError
 from fcnseg.inference.segmenter import Segmenter
 from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
-from tests.conftest import tiny_fcn
+from tests.conftest import gradient_photo, three_class_tiny_fcn
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
@@ -29,26 +29,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(variant: str = "8s"):
-    net = tiny_fcn(variant, seed=1)
-    with torch.no_grad():  # zero biases: the tiny FCN then predicts all three classes, not one
-        for name, param in net.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-    return net
-
-
-def _photo(height: int, width: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([yy * 255 / (height - 1), xx * 255 / (width - 1), (yy + xx) % 256], axis=-1)
-    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return three_class_tiny_fcn(variant)
 
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calibration")
     for index in range(6):
-        Image.fromarray(_photo(64, 96, seed=index)).save(folder / f"frame{index}.png")
+        Image.fromarray(gradient_photo(64, 96, seed=index)).save(folder / f"frame{index}.png")
     (folder / "notes.txt").write_text("not an image")
     return folder
 
@@ -78,7 +66,7 @@ def test_int8_file_is_quantised_and_keeps_the_metadata(int8_file):
 def test_int8_segmenter_agrees_with_float32(int8_file, calibration):
     path, report = int8_file
     reference = Segmenter(_model(), CLASSES, COLORS, device="cpu", amp="none")
-    images = [_photo(64, 96, seed=index) for index in range(6)] + [_photo(70, 90, seed=9)]
+    images = [gradient_photo(64, 96, seed=index) for index in range(6)] + [gradient_photo(70, 90, seed=9)]
     for backend in ("onnxruntime", "openvino"):
         if backend == "openvino":
             pytest.importorskip("openvino")
@@ -102,7 +90,7 @@ def test_int8_export_of_an_fcn4s_agrees_with_float32(calibration, tmp_path):
                          colors=COLORS, sizes=[(64, 96)])
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and report["int8_bytes"] == path.stat().st_size
-    images = [_photo(64, 96, seed=index) for index in range(3)] + [_photo(70, 90, seed=9)]
+    images = [gradient_photo(64, 96, seed=index) for index in range(3)] + [gradient_photo(70, 90, seed=9)]
     torch_preds = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none").predict(images)
     int8_preds = onnx_segmenter(path).predict(images)
     assert np.mean([np.mean(a == b) for a, b in zip(int8_preds, torch_preds)]) > 0.9

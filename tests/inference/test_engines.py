@@ -12,7 +12,7 @@ from fcnseg.errors import OptionError, UsageError
 from fcnseg.inference import backends
 from fcnseg.inference.backends import EngineRequest, auto_choice, make_engine
 from fcnseg.inference.segmenter import Segmenter
-from tests.conftest import tiny_fcn
+from tests.conftest import gradient_photo, three_class_tiny_fcn
 
 CLASSES = ["background", "thing", "stuff"]
 COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
@@ -21,23 +21,9 @@ ENGINES = ["onnxruntime", "openvino"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([yy * 255 / max(height - 1, 1), xx * 255 / max(width - 1, 1), (yy + xx) % 256], axis=-1)
-    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def model():
-    """The tiny FCN-8s with zero biases: it predicts all three classes on `_photo` (with its biases
-    it predicts one class everywhere, and mask comparisons would prove nothing)."""
-    net = tiny_fcn("8s", seed=1)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-    return net
+    return three_class_tiny_fcn()
 
 
 def _require(name: str) -> None:
@@ -67,7 +53,7 @@ def test_engine_matches_torch(segmenters, name, mode):
     _require(name)
     torch_segmenter, engine_segmenter = segmenters["torch"][mode], segmenters[name][mode]
     # A batch of one odd-sized photo and a batch of two: the engines take any N, H and W.
-    batches = [[_photo(67, 93, seed=1)], [_photo(64, 96, seed=2), _photo(64, 96, seed=3)]]
+    batches = [[gradient_photo(67, 93, seed=1)], [gradient_photo(64, 96, seed=2), gradient_photo(64, 96, seed=3)]]
     for photos in batches:
         image = torch.stack([torch_segmenter.preprocess(photo) for photo in photos])
         assert len(torch_segmenter.logits(image).argmax(1).unique()) == 3  # the masks compared are not constant
@@ -83,7 +69,7 @@ def test_engine_is_built_by_segmenter_and_predicts(model, name):
     _require(name)
     segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend=name, flip=True)
     reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", flip=True)
-    photo = _photo(50, 70, seed=4)
+    photo = gradient_photo(50, 70, seed=4)
     assert segmenter.backend == name and segmenter.engine is not segmenter.model
     assert np.mean(segmenter.predict(photo) == reference.predict(photo)) >= 0.999
 
@@ -107,7 +93,7 @@ def test_compiled_torch_engine_freezes_and_matches_eager(model, monkeypatch):
     monkeypatch.setattr(torch, "compile", recording_compile)
     segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", compile=True)
     reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")
-    image = reference.preprocess(_photo(64, 96, seed=5)).unsqueeze(0)
+    image = reference.preprocess(gradient_photo(64, 96, seed=5)).unsqueeze(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # torch computes: the segmenter must not take its threads as for a foreign engine
     try:
@@ -184,7 +170,7 @@ def test_auto_builds_its_choice_and_predicts_as_torch(model):
     segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="auto")
     reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")
     assert (segmenter.engine is segmenter.model) == (choice == "torch")
-    photo = _photo(45, 61, seed=5)
+    photo = gradient_photo(45, 61, seed=5)
     assert np.mean(segmenter.predict(photo) == reference.predict(photo)) >= 0.999
 
 
@@ -215,7 +201,7 @@ def test_exported_file_is_a_segmenter(model, tmp_path, name):
     segmenter = onnx_segmenter(path, backend=name, mode="sliding", window=(48, 64))
     assert segmenter.classes == CLASSES and segmenter.colors == COLORS
     reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", mode="sliding", window=(48, 64))
-    photo = _photo(70, 90, seed=6)
+    photo = gradient_photo(70, 90, seed=6)
     np.testing.assert_allclose(segmenter.predict_proba(photo), reference.predict_proba(photo), atol=1e-4)
 
 

@@ -2,7 +2,6 @@
 against float32, one quantised model per input shape, and the mistakes it refuses."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,7 +10,7 @@ from fcnseg.cli import main
 from fcnseg.errors import OptionError
 from fcnseg.inference.segmenter import Segmenter
 from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
-from tests.conftest import tiny_fcn
+from tests.conftest import gradient_photo, three_class_tiny_fcn
 
 CLASSES = ["background", "thing", "stuff"]
 COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
@@ -19,31 +18,18 @@ COLORS = [(0, 0, 0), (200, 30, 30), (30, 200, 30)]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _photo(height: int, width: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([yy * 255 / (height - 1), xx * 255 / (width - 1), (yy + xx) % 256], axis=-1)
-    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def model():
-    """The tiny FCN-8s with zero biases, so that it predicts all three classes on `_photo`."""
     pytest.importorskip("torchao")
-    net = tiny_fcn("8s", seed=1)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-    return net
+    return three_class_tiny_fcn()
 
 
 def test_int8_logits_follow_float32_and_each_shape_gets_its_model(model):
-    calibration = [_photo(64, 96, seed) for seed in range(8)]
+    calibration = [gradient_photo(64, 96, seed) for seed in range(8)]
     int8 = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="torch-int8", calibration=calibration)
     fp32 = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")
     for size, seed in (((64, 96), 20), ((67, 93), 21)):  # the calibration size and another one
-        image = fp32.preprocess(_photo(*size, seed=seed)).unsqueeze(0)
+        image = fp32.preprocess(gradient_photo(*size, seed=seed)).unsqueeze(0)
         want, got = fp32.logits(image), int8.logits(image)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert len(want.argmax(1).unique()) == 3  # the masks compared are not constant
