@@ -114,7 +114,7 @@ def notes(ex: Any, results: list[Result], choices: dict[str, tuple[str, Choice |
                      f"validation every {budget.eval_every} epoch(s).")
     lines += [CHOICE_RULE, "Not chosen on the holdout: the budget itself (steps, batch, lr, warm-up, weight decay) is "
               "the recommended runs' of docs/RESULTS.md, whose lr 0.02 came from the first Q4 search (scored on "
-              "val); Q4's re-run on the holdout says whether that choice stands.", targets_text(results)]
+              "val) and which Q4's re-run, scored on the holdout of train, places among its best trials (see Q4).", targets_text(results)]
     return lines
 
 
