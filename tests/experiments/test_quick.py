@@ -117,7 +117,7 @@ def test_q1_quick_end_to_end_skips_and_resumes(tmp_path, capsys):
     assert "holds a run of another command" in capsys.readouterr().err
 
 
-def test_q6_q7_quick_choose_on_the_holdout_then_train_on_all_of_train(tmp_path):
+def test_q6_q7_quick_choose_on_the_holdout_then_train_on_all_of_train(tmp_path, capsys):
     require_shared("camvid")
     require_shared("weights/mobilenet_v2_imagenet_features.pth")
     out = tmp_path / "experiments"
@@ -165,6 +165,20 @@ def test_q6_q7_quick_choose_on_the_holdout_then_train_on_all_of_train(tmp_path):
     spread = next(line for line in md.splitlines() if line.startswith("| MobileNetV2 | one padded pass"))
     assert f"| {100 * sum(mious) / 2:.1f} ({100 * min(mious):.1f}-{100 * max(mious):.1f}) |" in spread
     assert (out / "RESULTS.md").read_text().count("### Q6.") == 1
+
+    # Q6's choice record: a checkout without Q6's runs trains the same Q7 commands from it.
+    record = out / "q6" / "choice-mobilenet_v2.json"
+    assert json.loads(record.read_text())["tta"] == tta_adopted
+    capsys.readouterr()
+    fresh = tmp_path / "fresh"
+    assert experiments.main(["q7", "--quick", "--dry-run", "--q6-choice", str(record), "--out", str(fresh)]) == 0
+    printed = capsys.readouterr().out
+    assert "=== q6" not in printed and "--holdout" not in printed
+
+    def options_of(command: str) -> str:
+        return re.sub(r" --out \S+", "", command.split("train ", 1)[1])
+    assert sorted(options_of(line) for line in printed.splitlines() if line.startswith("fcnseg train ")) == \
+        sorted(options_of(c) for c in trains)
 
 
 @pytest.mark.slow
