@@ -313,7 +313,7 @@ def write_summary(out: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
@@ -334,12 +334,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="Q7 takes its options from this record, which Q6 writes as OUT/q6/choice-BODY.json "
                              "(kept in experiments/records/), instead of training Q6's runs: for a checkout "
                              "without them")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                        help=f"Q7's seeds (default {' '.join(map(str, FULL.seeds))})")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {FULL.epochs}; not with --quick)")
     parser.add_argument("--trials", type=int, help=f"Q4 search trials (default {FULL.tune_trials})")
     parser.add_argument("--launcher", choices=("subprocess", "inprocess"),
                         help="run fcnseg as `python -m fcnseg` subprocesses (default) or through fcnseg.cli.main "
                              "in this process (default with --quick: saves the start-up time of each command)")
     parser.add_argument("--dry-run", action="store_true", help="print the fcnseg commands only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
@@ -349,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, epochs=args.epochs)
     if args.trials:
         settings = replace(settings, tune_trials=args.trials)
+    if args.seeds:
+        settings = replace(settings, seeds=tuple(dict.fromkeys(args.seeds)))
     data = shared_data_dir()
     root = (args.root or data / "camvid").resolve()
     weights = (args.weights or data / "weights" / "mobilenet_v2_imagenet_features.pth").resolve()

@@ -117,6 +117,23 @@ def test_q1_quick_end_to_end_skips_and_resumes(tmp_path, capsys):
     assert "holds a run of another command" in capsys.readouterr().err
 
 
+def test_q7_from_a_choice_record_with_chosen_seeds(tmp_path, capsys):
+    record = tmp_path / "choice.json"
+    record.write_text(json.dumps({"body": "mobilenet_v2", "budget": {"iterations": None, "epochs": 15}, "tta": True,
+                                  "reasons": ["r"], "adopted": [{"key": "ce-dice", "group": "loss", "variant": "8s"}]}))
+    assert experiments.main(["q7", "--dry-run", "--q6-choice", str(record), "--seeds", "4", "7", "4",
+                             "--bodies", "mobilenet_v2", "--out", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    trains = [line for line in out.splitlines() if line.startswith("fcnseg train ")]
+    assert [re.search(r"--seed (\d+)", t).group(1) for t in trains] == ["4", "7"]
+    assert all("--loss ce+dice" in t and "--holdout" not in t for t in trains)
+    assert out.count("fcnseg eval ") == 2 and "=== q6" not in out  # TTA adopted: one val eval per run
+    record.write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.main(["q7", "--dry-run", "--q6-choice", str(record)])
+    assert exit_info.value.code == 2 and "not a Q6 choice record" in capsys.readouterr().err
+
+
 def test_q6_q7_quick_choose_on_the_holdout_then_train_on_all_of_train(tmp_path, capsys):
     require_shared("camvid")
     require_shared("weights/mobilenet_v2_imagenet_features.pth")
