@@ -28,7 +28,7 @@ import recommended  # noqa: E402
 import thin_classes  # noqa: E402
 from repo_paths import repo_relative, shared_data_dir  # noqa: E402
 from runner import ExperimentError, Runner, TrainRun  # noqa: E402
-from settings import BODIES, FULL, QUICK, UPSAMPLERS, Settings, hardware  # noqa: E402
+from settings import BODIES, FULL, QUICK, RECORDS, UPSAMPLERS, Settings, hardware  # noqa: E402
 from tables import Row, format_seconds, write_table  # noqa: E402
 
 TABLES = ("q1", "q2", "q3", "q4", "q5", "q6", "q7")
@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launcher", choices=("subprocess", "inprocess"),
                         help="run fcnseg as `python -m fcnseg` subprocesses (default) or through fcnseg.cli.main "
                              "in this process (default with --quick: saves the start-up time of each command)")
+    parser.add_argument("--records", metavar="DIR",
+                        help="keep each finished training run's metrics and config (no checkpoint) in DIR, and take "
+                             f"runs found there instead of training them again (default {repo_relative(str(RECORDS))} for the full "
+                             "settings, none with --quick; 'none' turns it off)")
     parser.add_argument("--dry-run", action="store_true", help="print the fcnseg commands only")
     return parser
 
@@ -368,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         q6_choice = thin_classes.load_choice(settings, args.q6_choice) if args.q6_choice else None
     except ValueError as err:
         parser.error(f"--q6-choice: {err}")
-    runner = Runner(args.out or settings.out, launcher=args.launcher or settings.launcher, dry_run=args.dry_run)
+    records = args.records or (None if args.quick else str(RECORDS))
+    runner = Runner(args.out or settings.out, launcher=args.launcher or settings.launcher, dry_run=args.dry_run,
+                    records=None if records in (None, "none") else records)
     experiments = Experiments(settings, runner, root, weights, list(args.bodies or settings.bodies),
                               selection_bodies=args.bodies, budget=args.budget, q6_choice=q6_choice)
     tables = TABLES if "all" in args.tables else [t for t in TABLES if t in args.tables]

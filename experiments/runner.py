@@ -7,7 +7,9 @@ it saves the few seconds of start-up per command that dominate the quick checks)
 A training run lives in ``OUT/runs/NAME``. It is skipped when its ``metrics.json`` exists (fcnseg
 train writes it only when a run ends), continued with ``--resume`` when only its ``last.pt`` exists,
 and refused when ``experiment.json`` shows it was started with another command (so that quick and
-full settings, or two versions of a table, never mix).
+full settings, or two versions of a table, never mix). With ``records``, a finished run's light files
+(`RECORD_FILES`, no checkpoint) are also kept in ``records/NAME``, which lives in the repository: a
+checkout without ``OUT`` (runs/ is not in git) then finds the run there instead of training it again.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from repo_paths import command_text
+
+RECORD_FILES = ("experiment.json", "config.yaml", "metrics.jsonl", "metrics.json")  # what a run record keeps
 
 
 class ExperimentError(RuntimeError):
@@ -64,16 +68,18 @@ class Runner:
         launcher: "subprocess" (``sys.executable -m fcnseg``) or "inprocess" (``fcnseg.cli.main``).
         dry_run: print the commands instead of running them (results are then not available).
         log: where progress lines go.
+        records: where finished training runs are kept without their checkpoints (None: nowhere).
     """
 
     def __init__(self, out: str | Path, *, launcher: str = "subprocess", dry_run: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, records: str | Path | None = None) -> None:
         if launcher not in ("subprocess", "inprocess"):
             raise ValueError(f"launcher must be subprocess or inprocess, not {launcher!r}")
         self.out = Path(out)
         self.launcher = launcher
         self.dry_run = dry_run
         self.log = log
+        self.records = Path(records) if records is not None else None
         self.commands: list[list[str]] = []  # in the order they were (or would have been) run
 
     # -- training -----------------------------------------------------------------------------
@@ -93,6 +99,7 @@ class Runner:
         if self.dry_run:
             self.log(command_text(command))
             return None
+        self._restore(name, run_dir, spec)
         self._check_spec(run_dir / "experiment.json", spec)
         if not (run_dir / "metrics.json").exists():
             argv = list(command)
@@ -108,7 +115,31 @@ class Runner:
                 raise ExperimentError(f"fcnseg train ended without writing {run_dir / 'metrics.json'}")
         else:
             self.log(f"[{name}] done before: {run_dir / 'metrics.json'}")
+        self._keep(name, run_dir)
         return load_train_run(name, run_dir, command)
+
+    def _restore(self, name: str, run_dir: Path, spec: dict[str, Any]) -> None:
+        """Copies the record of a finished run into ``run_dir`` when the run is not there (a new
+        checkout) and the record was made by the same command."""
+        record = self.records / name if self.records is not None else None
+        if record is None or (run_dir / "metrics.json").exists() or not (record / "metrics.json").exists():
+            return
+        if json.loads((record / "experiment.json").read_text()) != spec:
+            self.log(f"[{name}] the record {record} is of another command or input: not used")
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for file in RECORD_FILES:
+            (run_dir / file).write_bytes((record / file).read_bytes())
+        self.log(f"[{name}] finished in an earlier checkout: restored from the record {record} (no checkpoint)")
+
+    def _keep(self, name: str, run_dir: Path) -> None:
+        """Writes the record of a finished run (`RECORD_FILES`) unless it exists."""
+        if self.records is None or (self.records / name / "metrics.json").exists():
+            return
+        record = self.records / name
+        record.mkdir(parents=True, exist_ok=True)
+        for file in RECORD_FILES:  # metrics.json last: a record is complete once it exists
+            (record / file).write_bytes((run_dir / file).read_bytes())
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, name: str, checkpoint: Path, args: list[str], out_json: Path) -> EvalRun | None:

@@ -10,6 +10,7 @@ import os
 import platform
 from dataclasses import dataclass, replace
 from importlib import metadata
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ RECOMMENDED = {
 }
 # Issue 22's targets for the recommended (MobileNetV2) recipe: val mIoU, Pole IoU, training seconds.
 TARGETS = {"miou": 0.72, "pole": 0.25, "seconds": 3600}
+# Finished training runs without their checkpoints (runner.Runner's records), kept in the repository
+# because runs/ is not: a new checkout finds them instead of training them again.
+RECORDS = Path(__file__).resolve().parent / "records" / "runs"
 
 
 def recommended_budget(settings: Settings, body: str) -> Settings:
