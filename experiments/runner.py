@@ -127,10 +127,23 @@ class Runner:
         if json.loads((record / "experiment.json").read_text()) != spec:
             self.log(f"[{name}] the record {record} is of another command or input: not used")
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for file in RECORD_FILES:
-            (run_dir / file).write_bytes((record / file).read_bytes())
+        for file in sorted(record.rglob("*")):  # the run's files, then its evaluations' (eval/)
+            if file.is_file():
+                target = run_dir / file.relative_to(record)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(file.read_bytes())
         self.log(f"[{name}] finished in an earlier checkout: restored from the record {record} (no checkpoint)")
+
+    def _keep_file(self, path: Path) -> None:
+        """Adds a file of a run's folder (an evaluation's report) to the run's record, if it has one."""
+        runs = self.out / "runs"
+        if self.records is None or not path.is_relative_to(runs):
+            return
+        relative = path.relative_to(runs)
+        target = self.records / relative
+        if (self.records / relative.parts[0] / "metrics.json").exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
 
     def _keep(self, name: str, run_dir: Path) -> None:
         """Writes the record of a finished run (`RECORD_FILES`) unless it exists."""
@@ -149,6 +162,9 @@ class Runner:
         if self.dry_run:
             self.log(command_text(command))
             return None
+        if out_json.exists() and not checkpoint.exists():  # restored from a record, checked when it was made
+            self.log(f"[{name}] done in an earlier checkout: {out_json}")
+            return EvalRun(name, out_json, command, json.loads(out_json.read_text()))
         spec = {"command": command, "inputs": {"checkpoint": _sha256(checkpoint)}}
         self._check_spec(out_json.with_suffix(".experiment.json"), spec)
         if not out_json.exists():
@@ -156,6 +172,8 @@ class Runner:
             self._launch(command, out_json.with_suffix(".log"))
         else:
             self.log(f"[{name}] done before: {out_json}")
+        self._keep_file(out_json.with_suffix(".experiment.json"))
+        self._keep_file(out_json)
         return EvalRun(name, out_json, command, json.loads(out_json.read_text()))
 
     # -- tuning -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 by a checkout that lacks the run's folder; a record of another command is not used."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -28,6 +29,15 @@ def test_a_finished_run_is_kept_and_restored_in_a_new_checkout(tmp_path, monkeyp
     run = old.train("r", args)  # done before: its record is written
     assert run.metrics == {"miou": 0.61}
     assert sorted(p.name for p in (records / "r").iterdir()) == sorted(RECORD_FILES)  # no checkpoint
+    # An evaluation of the run, done before: its report joins the record.
+    report = run.run_dir / "eval" / "holdout.json"
+    eval_command = ["eval", str(run.checkpoint), "--split", "train", "--out", str(report)]
+    spec = {"command": eval_command, "inputs": {"checkpoint": hashlib.sha256(b"checkpoint").hexdigest()[:16]}}
+    report.parent.mkdir()
+    report.with_suffix(".experiment.json").write_text(json.dumps(spec, indent=2))
+    report.write_text(json.dumps({"miou": 0.6}))
+    assert old.evaluate("e", run.checkpoint, ["--split", "train"], report).report == {"miou": 0.6}
+    assert sorted(p.name for p in (records / "r" / "eval").iterdir()) == ["holdout.experiment.json", "holdout.json"]
 
     launched = []
     monkeypatch.setattr(Runner, "_launch", lambda self, argv, log_path: launched.append(argv))
@@ -38,6 +48,8 @@ def test_a_finished_run_is_kept_and_restored_in_a_new_checkout(tmp_path, monkeyp
     assert launched == [] and any("restored from the record" in line for line in lines)
     assert (again.metrics, again.train_seconds, again.config) == ({"miou": 0.61}, 12.5, {"lr": 0.02, "seed": 1})
     assert not again.checkpoint.exists()
+    assert new.evaluate("e", again.checkpoint, ["--split", "train"], report).report == {"miou": 0.6}
+    assert launched == []
 
     # Another command under the same name: the record is not used, the run is trained.
     other = Runner(tmp_path / "other", records=records, log=lines.append)
