@@ -80,16 +80,12 @@ def q7(ex: Any) -> None:
     """Writes Q7: every run (and its TTA evaluation), the spread over seeds, targets, curves."""
     results, choices = [], {}
     for body in sorted(ex.bodies, key=lambda b: b != "mobilenet_v2"):  # the headline body first
-        if ex.q6_choice is not None:
-            sel = ex.q6_choice
-            source = sel.body
-        else:
-            source = body if body in ex.selection_bodies else ex.selection_bodies[0]
-            sel = select(ex, source)
+        source = body if body in ex.selection_bodies else ex.selection_bodies[0]
+        sel = select(ex, source)
         if sel.choice is None:
             ex.runner.log("# q7: the options come from q6's holdout scores, unknown in a dry run; the commands "
                           "below show the baseline's")
-        choices[body] = (source, sel.choice, sel.record)
+        choices[body] = (source, sel.choice)
         results += [train_and_score(ex, body, sel, seed) for seed in ex.s.seeds]
     rows = []
     for r in results:
@@ -103,15 +99,13 @@ def q7(ex: Any) -> None:
              notes=notes(ex, results, choices), extra_markdown=spread_markdown(results) + "\n\n" + curves(results))
 
 
-def notes(ex: Any, results: list[Result], choices: dict[str, tuple[str, Choice | None, str | None]]) -> list[str]:
+def notes(ex: Any, results: list[Result], choices: dict[str, tuple[str, Choice | None]]) -> list[str]:
     lines = ["Every run trains on all of CamVid train (no holdout) and is read on val once: the final "
              "validation of last.pt (the periodic validations only draw the curves; nothing is chosen from them) "
              "and, where Q6 adopted it, one `fcnseg eval` with test-time augmentation. The recipe was chosen on "
              "Q6's holdout of train, never on val."]
-    for body, (source, choice, record) in choices.items():
+    for body, (source, choice) in choices.items():
         from_where = "its own Q6 rows" if source == body else f"{BODIES[source].name}'s Q6 rows (Q6 did not run {BODIES[body].name})"
-        if record:
-            from_where += f", read from the choice record `{repo_relative(record)}` that Q6 wrote"
         budget = next(r.budget for r in results if r.body == body)
         lines.append(f"{BODIES[body].name}: options from {from_where}: "
                      + "; ".join(choice.reasons if choice else ["none (dry run)"])

@@ -38,13 +38,11 @@ class Experiments:
     """Builds the fcnseg commands of each table, runs them through a Runner and writes the tables."""
 
     def __init__(self, settings: Settings, runner: Runner, root: Path, weights: Path, bodies: list[str], *,
-                 selection_bodies: list[str] | None = None, budget: str = "q",
-                 q6_choice: thin_classes.Selection | None = None) -> None:
+                 selection_bodies: list[str] | None = None, budget: str = "q") -> None:
         self.s, self.runner, self.root, self.weights, self.bodies = settings, runner, root, weights, bodies
         # Q6 (and the choices Q7 makes from it): MobileNetV2 unless --bodies names the bodies.
         self.selection_bodies, self.budget = selection_bodies or ["mobilenet_v2"], budget
         self.selections: dict[str, thin_classes.Selection] = {}  # Q6's runs per body, made once for Q6 and Q7
-        self.q6_choice = q6_choice  # Q7's options from a choice record instead of Q6's runs (--q6-choice)
 
     # -- command pieces -----------------------------------------------------------------------
     def common(self, *, searched: bool = True, eval_every: int | None = None, settings: Settings | None = None,
@@ -330,10 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", choices=("q", "recommended"), default="q",
                         help="Q6's training budget: the Q settings (15 epochs of 256x352 crops, default) or the "
                              "recommended run's (3600 steps of 360x480 crops, about 52 min per MobileNetV2 row)")
-    parser.add_argument("--q6-choice", type=Path, metavar="RECORD",
-                        help="Q7 takes its options from this record, which Q6 writes as OUT/q6/choice-BODY.json "
-                             "(kept in experiments/records/), instead of training Q6's runs: for a checkout "
-                             "without them")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
                         help=f"Q7's seeds (default {' '.join(map(str, FULL.seeds))})")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {FULL.epochs}; not with --quick)")
@@ -368,15 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     for path, what in ((root, "CamVid (--root)"), (weights, "MobileNetV2 weights (--weights)")):
         if not path.exists() and not args.dry_run:
             parser.error(f"{what} not found at {path}")
-    try:
-        q6_choice = thin_classes.load_choice(settings, args.q6_choice) if args.q6_choice else None
-    except ValueError as err:
-        parser.error(f"--q6-choice: {err}")
     records = args.records or (None if args.quick else str(RECORDS))
     runner = Runner(args.out or settings.out, launcher=args.launcher or settings.launcher, dry_run=args.dry_run,
                     records=None if records in (None, "none") else records)
     experiments = Experiments(settings, runner, root, weights, list(args.bodies or settings.bodies),
-                              selection_bodies=args.bodies, budget=args.budget, q6_choice=q6_choice)
+                              selection_bodies=args.bodies, budget=args.budget)
     tables = TABLES if "all" in args.tables else [t for t in TABLES if t in args.tables]
     try:
         for key in tables:

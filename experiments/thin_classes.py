@@ -9,9 +9,7 @@ recipe Q7 trains (recommended.py), by the fixed rule CHOICE_RULE, so that no num
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from runner import EvalRun, TrainRun
@@ -76,7 +74,6 @@ class Selection:
     skipped: list[str]
     evals: list[tuple[Option, EvalRun | None, EvalRun | None]] = field(default_factory=list)  # plain, TTA
     choice: Choice | None = None  # None in a dry run
-    record: str | None = None  # the choice record it was read from (load_choice), instead of Q6's runs
 
 
 def options(settings: Settings, variants: tuple[str, ...]) -> tuple[list[Option], list[str]]:
@@ -163,37 +160,8 @@ def select(ex: Any, body: str) -> Selection:
             selection.evals.append((option, *holdout_evals(ex, name)))
         selection.choice = choose([(option, run.metrics["miou"]) for option, _, run in done],
                                   [(plain.report["miou"], tta.report["miou"]) for _, plain, tta in selection.evals])
-        save_choice(selection, ex.runner.out / "q6" / f"choice-{body}.json")
     ex.selections[body] = selection
     return selection
-
-
-def save_choice(sel: Selection, path: Path) -> None:
-    """Writes Q6's choice for one body as JSON: Q7 can then train from a checkout that lacks Q6's runs
-    (``run.py q7 --q6-choice PATH``), and the record can be kept in the repository."""
-    assert sel.choice is not None
-    scores = {f"{option.key} (FCN-{option.variant})": run.metrics["miou"] for option, _, run in sel.trained if run}
-    record = {"body": sel.body, "budget": {"iterations": sel.budget.iterations, "epochs": sel.budget.epochs},
-              "adopted": [{"key": o.key, "group": o.group, "variant": o.variant} for o in sel.choice.adopted],
-              "tta": sel.choice.tta, "reasons": sel.choice.reasons, "holdout_miou": scores}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def load_choice(settings: Settings, path: Path) -> Selection:
-    """The Selection a choice record (``save_choice``) stands for: its body, Q6's budget and the options
-    adopted, without Q6's runs."""
-    from fcnseg.models.fcn import VARIANTS
-
-    try:
-        record = json.loads(path.read_text())
-        budget = replace(settings, iterations=record["budget"]["iterations"], epochs=record["budget"]["epochs"])
-        known = {(o.key, o.group, o.variant): o for o in options(budget, VARIANTS)[0]}
-        adopted = [known[(a["key"], a["group"], a["variant"])] for a in record["adopted"]]
-        choice = Choice(adopted, bool(record["tta"]), list(record["reasons"]))
-        return Selection(record["body"], budget, [], [], choice=choice, record=str(path))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a Q6 choice record ({type(err).__name__}: {err})") from err
 
 
 def holdout_evals(ex: Any, name: str) -> tuple[EvalRun | None, EvalRun | None]:

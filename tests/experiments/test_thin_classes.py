@@ -2,13 +2,10 @@
 spread over seeds and its verdict on issue 22's targets."""
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import REPO_ROOT  # noqa: E402  (importlib mode: tests is a namespace)
 
@@ -17,7 +14,7 @@ import recommended  # noqa: E402
 from recommended import recipe  # noqa: E402
 from runner import TrainRun  # noqa: E402
 from settings import FULL, QUICK, RECOMMENDED, recommended_budget  # noqa: E402
-from thin_classes import MARGIN, Choice, Selection, choose, load_choice, options, save_choice, tta_text  # noqa: E402
+from thin_classes import MARGIN, Choice, Selection, choose, options, tta_text  # noqa: E402
 
 
 def by_key(rows):
@@ -104,26 +101,3 @@ def test_q7_spread_and_targets_from_the_seeds():
 def test_tta_text():
     assert tta_text(FULL) == "scales 0.75/1/1.25 + flip"
     assert tta_text(replace(FULL, tta=("--flip",))) == "flip"
-
-
-def test_choice_record_round_trip_and_bad_records(tmp_path):
-    rows = {(o.key, o.variant): o for o in options(FULL, ("8s", "4s"))[0]}
-    trained = [(o, f"run-{k}", run(0.5 + 0.01 * i, 0.1, 60.0, 0)) for i, (k, o) in enumerate(rows.items())]
-    choice = Choice([rows[("ohem", "8s")], rows[("ce", "4s")]], True, ["best loss: adopted"])
-    path = tmp_path / "q6" / "choice-mobilenet_v2.json"
-    save_choice(Selection("mobilenet_v2", FULL, trained, [], choice=choice), path)
-    loaded = load_choice(FULL, path)
-    assert loaded.body == "mobilenet_v2" and loaded.record == str(path) and loaded.trained == []
-    assert loaded.choice == choice and (loaded.budget.epochs, loaded.budget.iterations) == (FULL.epochs, None)
-    # The recipe Q7 trains from the record is the one it trains from the runs.
-    live = Selection("mobilenet_v2", FULL, trained, [], choice=choice)
-    assert recipe(loaded, "mobilenet_v2", FULL) == recipe(live, "mobilenet_v2", FULL)
-
-    path.write_text('{"body": "mobilenet_v2"}')
-    with pytest.raises(ValueError, match="not a Q6 choice record"):
-        load_choice(FULL, path)
-    record = {"body": "mobilenet_v2", "budget": {"iterations": None, "epochs": 15}, "tta": False, "reasons": [],
-              "adopted": [{"key": "focal", "group": "loss", "variant": "8s"}]}
-    path.write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="focal"):
-        load_choice(FULL, path)
