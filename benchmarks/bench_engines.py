@@ -271,6 +271,9 @@ def render(results: dict[str, Any]) -> str:
                      f"{fmt(row.get('miou'), '.4f')} |")
     lines += ["", "fastest per precision (what AUTO_ORDER in fcnseg/inference/backends.py should say): "
               + "; ".join(f"{precision}: {name} ({rate:.2f} img/s)" for precision, (name, rate) in fastest(results).items())]
+    rates = {name: row["images_per_s"] for name, row in results["configs"].items() if row["images_per_s"]}
+    if {"ort-fp32", "ort-int8"} <= rates.keys():  # issue 19's INT8 target: >= 1.5x the float32 model in onnxruntime
+        lines.append(f"ort-int8 / ort-fp32: {rates['ort-int8'] / rates['ort-fp32']:.2f}x")
     return "\n".join(lines)
 
 
