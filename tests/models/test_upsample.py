@@ -74,6 +74,20 @@ def test_fast_upsampler_in_inference_follows_weight_updates(stride):
             up.weight.mul_(-0.5)
 
 
+
+
+@pytest.mark.parametrize("stride", [8, 32])
+def test_fast_upsampler_made_under_inference_mode_runs_and_follows_updates(stride):
+    # A model built (or loaded) inside torch.inference_mode has inference-tensor weights, which carry no
+    # version counter: the layer must still run there, and in-place updates must reach the output.
+    with torch.inference_mode():
+        up = TransposedConvUpsampler(3, stride, "xavier")
+        ref = reference_transposed_conv(3, stride)
+        x = torch.randn(1, 3, 3, 5)
+        for _ in range(2):
+            ref.weight.copy_(up.weight)
+            torch.testing.assert_close(up(x), ref(x), rtol=1e-5, atol=1e-5)
+            up.weight.mul_(-0.5)
 def test_fast_upsampler_under_bf16_autocast_stays_float32_where_bf16_is_emulated(monkeypatch):
     monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: False)
     up = TransposedConvUpsampler(3, 32)

@@ -259,9 +259,10 @@ class TransposedConvUpsampler(nn.Module):
             halves = half_cell_matrices(matrix, self.stride) if self.stride >= HALF_CELL_MIN_STRIDE else None
             return matrix, halves
 
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.weight.is_inference():
             # Training, or traced by torch.compile / torch.export: the graph computes the matrices
             # (freezing folds them into constants); the cache key reads a data pointer traced tensors lack.
+            # A weight made under torch.inference_mode has no version counter to key a cache on.
             self._matrix_cache = None
             matrix, halves = make()
         else:
