@@ -40,11 +40,10 @@ def class_prior(dataset: torch.utils.data.Dataset, indices: list[int], num_class
 
 
 @torch.inference_mode()
-def probe(checkpoint_path: Path, root: Path, holdout: float, scales: list[float], taus: list[float], *,
+def probe(checkpoint: dict, root: Path, holdout: float, scales: list[float], taus: list[float], *,
           dataset_name: str = "camvid", amp: str = "auto") -> dict[tuple[float, float], ConfusionMatrix]:
     """Confusion matrices of the images ``fcnseg train --holdout`` held out of the train split, per
-    (input scale, tau); ``amp`` as ``fcnseg eval --amp``."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    (input scale, tau), for a checkpoint as `load_checkpoint` returns it; ``amp`` as ``fcnseg eval --amp``."""
     classes = list(checkpoint["classes"])
     model = inference_form(model_from_checkpoint(checkpoint), copy_model=False).eval()
     normalised = eval_transforms(mean=tuple(checkpoint["mean"]), std=tuple(checkpoint["std"]))
@@ -75,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or shared_data_dir() / "camvid"
     if not args.checkpoint.is_file():
         parser.error(f"checkpoint not found: {args.checkpoint}")
-    classes = list(load_checkpoint(args.checkpoint)["classes"])
-    for (scale, tau), matrix in probe(args.checkpoint, root, args.holdout, args.scales, args.taus).items():
+    checkpoint = load_checkpoint(args.checkpoint)
+    classes = list(checkpoint["classes"])
+    for (scale, tau), matrix in probe(checkpoint, root, args.holdout, args.scales, args.taus).items():
         metrics = matrix.compute()
         iou = dict(zip(classes, metrics.per_class_iou))
         thin = " ".join(f"{name} {100 * iou[name]:.1f}" for name in SHOWN if iou.get(name) is not None)

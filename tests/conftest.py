@@ -123,3 +123,23 @@ def gradient_photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width]
     base = np.stack([yy * 255 / max(height - 1, 1), xx * 255 / max(width - 1, 1), (yy + xx) % 256], axis=-1)
     return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def random_scores_checkpoint(path: Path, num_classes: int = 3, **checkpoint_fields) -> Path:
+    """A saved MobileNetV2 FCN-8s checkpoint (random body, random score layers without bias, so it
+    predicts every class somewhere) for the synthetic classes; ``checkpoint_fields`` as `make_checkpoint`
+    takes them (mean, std, ...)."""
+    from fcnseg.data import default_palette
+    from fcnseg.data.synthetic import synthetic_classes
+    from fcnseg.models import build_model
+    from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("fcn_mobilenet_v2", variant="8s", num_classes=num_classes, weights_backbone=None).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("score"):
+                param.zero_() if name.endswith("bias") else param.normal_(0, 1.0)
+    checkpoint = make_checkpoint(model, classes=synthetic_classes(num_classes), colors=default_palette(num_classes),
+                                 **checkpoint_fields)
+    return save_checkpoint(checkpoint, path)

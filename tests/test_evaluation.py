@@ -14,13 +14,13 @@ from PIL import Image
 from torch import nn
 
 from fcnseg.constants import MAX_IMAGE_PIXELS_ENV
-from fcnseg.data import default_palette
 from fcnseg.data.synthetic import make_synthetic, synthetic_classes
 from fcnseg.errors import DataError
 from fcnseg.evaluation import EvaluationReport, evaluate, evaluate_checkpoint, write_report
 from fcnseg.metrics import ConfusionMatrix
 from fcnseg.models import build_model, inference_form
 from fcnseg.models.checkpoint import make_checkpoint, model_from_checkpoint, save_checkpoint
+from tests.conftest import random_scores_checkpoint
 from tests.data.test_io import header_only_png
 
 VOID = 255
@@ -115,18 +115,8 @@ def scenes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint_path(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("fcn_mobilenet_v2", variant="8s", num_classes=3, weights_backbone=None).eval()
-    with torch.no_grad():  # random scores without bias, so the random model predicts every class somewhere
-        for name, param in model.named_parameters():
-            if name.startswith("score"):
-                if name.endswith("bias"):
-                    param.zero_()
-                else:
-                    param.normal_(0, 1.0)
-    checkpoint = make_checkpoint(model, classes=synthetic_classes(3), colors=default_palette(3),
-                                 mean=(0.5, 0.4, 0.45), std=(0.25, 0.2, 0.3))
-    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("ck") / "model.pt")
+    return random_scores_checkpoint(tmp_path_factory.mktemp("ck") / "model.pt", mean=(0.5, 0.4, 0.45),
+                                    std=(0.25, 0.2, 0.3))
 
 
 def _by_hand(checkpoint_path, root, split, limit=None):

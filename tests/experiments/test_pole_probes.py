@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from fcnseg.constants import IGNORE_INDEX
-from fcnseg.data import default_palette
-from fcnseg.data.synthetic import make_synthetic, synthetic_classes
+from fcnseg.data.synthetic import make_synthetic
 from fcnseg.evaluation import evaluate_checkpoint
-from fcnseg.models import build_model
-from fcnseg.models.checkpoint import make_checkpoint, save_checkpoint
-from tests.conftest import REPO_ROOT  # noqa: E402  (importlib mode: tests is a namespace)
+from fcnseg.models.checkpoint import load_checkpoint
+from tests.conftest import REPO_ROOT, random_scores_checkpoint  # noqa: E402  (importlib mode: tests is a namespace)
 
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 from pole_probes import class_prior, main, probe  # noqa: E402
@@ -29,14 +27,7 @@ def scenes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint_path(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("fcn_mobilenet_v2", variant="8s", num_classes=3, weights_backbone=None).eval()
-    with torch.no_grad():  # random scores without bias, so the random model predicts every class somewhere
-        for name, param in model.named_parameters():
-            if name.startswith("score"):
-                param.zero_() if name.endswith("bias") else param.normal_(0, 1.0)
-    checkpoint = make_checkpoint(model, classes=synthetic_classes(3), colors=default_palette(3))
-    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("ck") / "model.pt")
+    return random_scores_checkpoint(tmp_path_factory.mktemp("ck") / "model.pt")
 
 
 def test_class_prior_is_each_class_share_of_the_labelled_pixels():
@@ -48,7 +39,7 @@ def test_class_prior_is_each_class_share_of_the_labelled_pixels():
 
 
 def test_plain_probe_equals_fcnseg_eval_on_the_holdout(scenes, checkpoint_path):
-    matrices = probe(checkpoint_path, scenes, 0.2, [1.0], [0.0, 1e6], dataset_name="folder", amp="none")
+    matrices = probe(load_checkpoint(checkpoint_path), scenes, 0.2, [1.0], [0.0, 1e6], dataset_name="folder", amp="none")
     report = evaluate_checkpoint(checkpoint_path, "folder", scenes, "train", holdout=0.2, amp="none", progress=False)
     plain = matrices[1.0, 0.0].matrix.cpu().numpy()
     np.testing.assert_array_equal(plain, report.confusion.matrix.cpu().numpy())

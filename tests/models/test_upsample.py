@@ -74,8 +74,6 @@ def test_fast_upsampler_in_inference_follows_weight_updates(stride):
             up.weight.mul_(-0.5)
 
 
-
-
 @pytest.mark.parametrize("stride", [8, 32])
 def test_fast_upsampler_made_under_inference_mode_runs_and_follows_updates(stride):
     # A model built (or loaded) inside torch.inference_mode has inference-tensor weights, which carry no
@@ -88,6 +86,8 @@ def test_fast_upsampler_made_under_inference_mode_runs_and_follows_updates(strid
             ref.weight.copy_(up.weight)
             torch.testing.assert_close(up(x), ref(x), rtol=1e-5, atol=1e-5)
             up.weight.mul_(-0.5)
+
+
 def test_fast_upsampler_under_bf16_autocast_stays_float32_where_bf16_is_emulated(monkeypatch):
     monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: False)
     up = TransposedConvUpsampler(3, 32)
