@@ -59,3 +59,9 @@ def test_main_prints_one_line_per_scale_and_tau(scenes, checkpoint_path, capsys,
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["scale 1 tau 0", "scale 1 tau 0.5", "scale 2 tau 0", "scale 2 tau 0.5"]
     assert all("mIoU" in line and "striped disc" in line for line in lines)
+
+
+def test_a_missing_checkpoint_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "absent.pt")])
+    assert exit_info.value.code == 2 and f"checkpoint not found: {tmp_path / 'absent.pt'}" in capsys.readouterr().err
