@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fcnseg.models import upsample as upsample_module
 from fcnseg.models.upsample import TransposedConvUpsampler
-from fcnseg.ops import cell_blocks, fused_loss, native
+from fcnseg.ops import cell_blocks, chunk_softmax, fused_loss, native
 from fcnseg.ops.fused_loss import upsample_cross_entropy
 
 
@@ -150,15 +150,6 @@ def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant, 
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows,row_size,chunk_size", [(10, 80, 280), (8, 80, 280), (1200, 5376, 21 * 2**17),
-                                                     (7, 16, 7), (1, 5, 100), (100, 3, 299)])
-def test_chunks_fit_their_buffer_and_are_as_few_as_can_be(rows, row_size, chunk_size):
-    per_chunk = fused_loss._rows_per_chunk(rows, row_size, chunk_size)
-    fitting = max(1, chunk_size // row_size)  # rows that fit a buffer (always at least one)
-    assert 1 <= per_chunk <= fitting
-    assert -(-rows // per_chunk) == -(-rows // fitting)  # no more chunks than the fewest possible
-
-
 @pytest.mark.parametrize("softmax", ["kernel", "eager"])
 @pytest.mark.parametrize("reduction", ["mean", "d2l"])
 def test_fused_loss_with_bias_and_class_weights_under_native_bf16_autocast(monkeypatch, softmax, reduction):
@@ -192,8 +183,8 @@ def test_fused_loss_is_exact_for_logits_far_from_zero(monkeypatch, precision):
     monkeypatch.setattr(fused_loss, "PIXELS_PER_CHUNK", 16)
     monkeypatch.setattr(fused_loss, "PIXELS_PER_GEMM", 56)
     verdicts = []
-    check = fused_loss._sums_in_safe_range
-    monkeypatch.setattr(fused_loss, "_sums_in_safe_range", lambda sums: verdicts.append(check(sums)) or verdicts[-1])
+    check = chunk_softmax._sums_in_safe_range
+    monkeypatch.setattr(chunk_softmax, "_sums_in_safe_range", lambda sums: verdicts.append(check(sums)) or verdicts[-1])
     if precision != "float32":
         monkeypatch.setattr(upsample_module, "native_cpu_bf16", lambda: True)
         use_softmax(monkeypatch, precision.split("-")[1])

@@ -7,7 +7,7 @@ from fcnseg.constants import IGNORE_INDEX
 from fcnseg.models.fcn import FCN, OUTPUT_STRIDE, pad_to_multiple
 from fcnseg.ops.fused_loss import upsample_cross_entropy
 from fcnseg.ops.loss import segmentation_loss
-from fcnseg.ops.losses import training_loss
+from fcnseg.ops.losses import dice_loss, training_loss
 
 
 def median_frequency_weights(dataset, num_classes: int) -> torch.Tensor:
@@ -40,6 +40,7 @@ def fcn_cross_entropy(
     class_weights: torch.Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = IGNORE_INDEX,
+    dice: bool = False,
 ) -> torch.Tensor:
     """``segmentation_loss(model(image), target)`` with the model's last upsampling fused into the loss.
 
@@ -52,13 +53,16 @@ def fcn_cross_entropy(
             wrapper's forward call, which this bypasses).
         image: ``(N, 3, H, W)`` normalised.
         target: ``(N, H, W)`` int64.
+        dice: add the soft Dice loss (the "ce+dice" loss of `fcnseg.ops.losses`).
     """
     if not model.upsample_final.learnable:
-        return segmentation_loss(model(image), target, class_weights=class_weights, reduction=reduction,
+        logits = model(image)
+        loss = segmentation_loss(logits, target, class_weights=class_weights, reduction=reduction,
                                  ignore_index=ignore_index)
+        return loss + dice_loss(logits, target, ignore_index=ignore_index) if dice else loss
     features = model.backbone(pad_to_multiple(image, OUTPUT_STRIDE))
-    return upsample_cross_entropy(model.scores(*features), model.upsample_final, target,
-                                  class_weights=class_weights, reduction=reduction, ignore_index=ignore_index)
+    return upsample_cross_entropy(model.scores(*features), model.upsample_final, target, class_weights=class_weights,
+                                  reduction=reduction, ignore_index=ignore_index, dice=dice)
 
 
 def logits_loss(net: torch.nn.Module, name: str, image: torch.Tensor, target: torch.Tensor, *,

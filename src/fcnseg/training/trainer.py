@@ -40,7 +40,7 @@ from fcnseg.training.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from fcnseg.training.loss import logits_loss, median_frequency_weights
+from fcnseg.training.loss import fcn_cross_entropy, logits_loss, median_frequency_weights
 from fcnseg.training.optim import build_optimizer, build_scheduler
 from fcnseg.training.resume import check_resumable
 from fcnseg.training.rng import rng_state, seed_everything, set_rng_state
@@ -248,12 +248,14 @@ class Trainer:
         config, ctx = self.config, self.ctx
         self.train_net, self.train_set = self.net, self.data.train
         self.compute_loss = None
-        if config.loss != "ce":  # the losses for thin classes need the logits: unfused
+        if config.loss == "ce+dice" and not ctx.enabled:  # fused with a first pass for Dice's sums
+            self.compute_loss = functools.partial(fcn_cross_entropy, self.model, class_weights=self.class_weights,
+                                                  dice=True)
+            return
+        if config.loss != "ce":  # the other losses for thin classes need the logits: unfused
             self.compute_loss = functools.partial(logits_loss, self.net, config.loss, class_weights=self.class_weights)
             return
         if not ctx.enabled:  # DDP synchronises gradients through the wrapper's forward: unfused there
-            from fcnseg.training.loss import fcn_cross_entropy
-
             self.compute_loss = functools.partial(fcn_cross_entropy, self.model, class_weights=self.class_weights,
                                                   reduction=config.loss_reduction)
         if config.freeze_backbone and config.cache_features > 0:
