@@ -51,8 +51,13 @@ TRAIN_CONFIGS = {
                      "without native bf16",
     "bf16-cl": "channels_last + bf16 autocast (what `--amp auto` picks on CPUs with native bf16)",
     "bf16-cl-fused": "+ the last upsampling fused with the loss: the step `fcnseg train` runs on CPUs with native bf16",
+    "bf16-cl-dice": "bf16-cl with the ce+dice loss (`--loss ce+dice`) on the full-size logits, unfused",
+    "bf16-cl-dice-fused": "the same loss fused with the last upsampling (a first pass for Dice's sums): the step "
+                          "`fcnseg train --loss ce+dice` runs on CPUs with native bf16",
 }
 BF16_TRAIN = ("bf16-cl", "bf16-cl-fused")
+# Steps of another loss (cross-entropy + Dice): compared with each other, never with the baseline's curve.
+DICE_TRAIN = ("bf16-cl-dice", "bf16-cl-dice-fused")
 # The frozen-backbone epoch's configurations (the report describes them: their text depends on the CPU).
 EPOCH_CONFIGS = ("baseline", "uncached", "cached", "cached-fused", "cached-fused-bf16", "cached-fixed")
 UPSAMPLER_CONFIGS = {
@@ -62,7 +67,7 @@ UPSAMPLER_CONFIGS = {
 }
 # Configurations measured only with bf16 (--bf16): emulated bf16 is several times slower than fp32, so
 # on CPUs without it they would add half an hour to a run and only show that.
-BF16_CONFIGS = {"infer": BF16_INFER, "train": BF16_TRAIN, "epoch": ("cached-fused-bf16",), "upsampler": ("fcnseg-bf16",)}
+BF16_CONFIGS = {"infer": BF16_INFER, "train": BF16_TRAIN + DICE_TRAIN, "epoch": ("cached-fused-bf16",), "upsampler": ("fcnseg-bf16",)}
 # Configurations that compute fp32 logits; the bf16 ones trade precision for speed and must keep the
 # argmax agreement (inference) or the loss curve (training) that the targets require.
 EXACT_INFER = ("fp32", "fp32-cl", "fp32-cl-fold", "fp32-cl-jit", "compile")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from configurations import BF16_TRAIN, EXACT_INFER, INFER_CONFIGS, TRAIN_CONFIGS, UPSAMPLER_CONFIGS
+from configurations import BF16_TRAIN, DICE_TRAIN, EXACT_INFER, INFER_CONFIGS, TRAIN_CONFIGS, UPSAMPLER_CONFIGS
 from formatting import num, pct, ratio
 from targets import MAX_CURVE_GAP, MIN_AGREEMENT, targets
 
@@ -126,9 +126,12 @@ def _training(results: dict[str, Any], params: dict[str, Any]) -> list[str]:
         if not r:
             continue
         gflops = r["images_per_s"] * train_gflop if train_gflop else None
-        peak = machine.get("peak_bf16_gflops") if config in BF16_TRAIN else machine.get("peak_fp32_gflops")
+        peak = machine.get("peak_bf16_gflops") if config in BF16_TRAIN + DICE_TRAIN else machine.get("peak_fp32_gflops")
         rows.append(f"| {config}: {text} | {r['images_per_s']:.2f} | {ratio(r['images_per_s'], base_train)} | "
                     f"{num(gflops)} | {pct(gflops, peak)} | {r['compile_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+    dice, fused = (train.get(c, {}).get("images_per_s") for c in DICE_TRAIN)
+    if dice and fused:
+        rows += ["", f"The ce+dice step with the Dice term inside the fused loss: {fused / dice:.2f}x the unfused one."]
     return lines + rows + [_errors(train), ""]
 
 

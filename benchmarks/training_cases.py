@@ -24,7 +24,6 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     import torch
 
     from fcnseg.models.layout import to_channels_last
-    from fcnseg.training.loss import fcn_cross_entropy
     from fcnseg.training.step import train_step
 
     results: dict[str, Any] = {}
@@ -56,8 +55,7 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
                 runner = torch.compile(model, dynamic=False)
             model.train()
 
-            fused = (functools.partial(fcn_cross_entropy, model, reduction="d2l") if config.endswith("-fused")
-                     else None)
+            fused = train_loss(config, model, runner)
 
             def step() -> None:
                 train_step(runner, [(x, y)], optimizer, device=torch.device("cpu"), channels_last=channels_last,
@@ -71,6 +69,19 @@ def case_train(params: dict[str, Any], configs: list[str]) -> dict[str, Any]:
         results[config] = {"images_per_s": batch / median(times), "median_s": median(times), "compile_s": compile_s,
                            "peak_rss_mb": peak_rss_mb()}
     return results
+
+
+def train_loss(config: str, model: Any, runner: Any) -> Callable[[Any, Any], Any] | None:
+    """The step's loss of a training configuration: None for train_step's own (cross-entropy, unfused)."""
+    from fcnseg.ops.losses import training_loss
+    from fcnseg.training.loss import fcn_cross_entropy
+
+    dice = "-dice" in config
+    if config.endswith("-fused"):  # ce+dice as `fcnseg train` runs it: the mean over pixels, as unfused
+        return functools.partial(fcn_cross_entropy, model, reduction="mean" if dice else "d2l", dice=dice)
+    if dice:
+        return lambda image, target: training_loss(runner(image), target, "ce+dice")
+    return None
 
 
 def epoch_dataset(params: dict[str, Any], transforms: Callable[..., Any] | None = None) -> Any:
