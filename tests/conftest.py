@@ -60,9 +60,9 @@ def camvid_root() -> Path:
 
 
 class TinyBackbone(nn.Module):
-    """Five strided convolutions with taps at strides 4, 8, 16 and 32: the FCN at a fraction of the cost."""
+    """Five strided convolutions with taps at strides 2, 4, 8, 16 and 32: the FCN at a fraction of the cost."""
 
-    channels = (8, 8, 16, 32)
+    channels = (8, 8, 8, 16, 32)
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,10 +75,11 @@ class TinyBackbone(nn.Module):
         self.stage32 = conv(16, 32)
 
     def forward(self, x):
-        c4 = self.stage8[:2](x)  # inside stage8, as fcnseg's bodies tap stride 4
+        c2 = self.stage8[:1](x)  # inside stage8, as fcnseg's bodies tap strides 2 and 4
+        c4 = self.stage8[1:2](c2)
         c8 = self.stage8[2:](c4)
         c16 = self.stage16(c8)
-        return c4, c8, c16, self.stage32(c16)
+        return c2, c4, c8, c16, self.stage32(c16)
 
 
 def tiny_fcn(variant: str = "8s", seed: int = 0) -> FCN:

@@ -152,7 +152,7 @@ def test_docs_example_runs_without_torch(dynamo_export, tmp_path):
 
 
 @pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("variant", ["32s", "16s", "8s", "4s"])
+@pytest.mark.parametrize("variant", ["32s", "16s", "8s", "4s", "2s"])
 def test_export_of_every_variant_matches_pytorch(tmp_path, variant, exporter):
     report = export_onnx(_checkpoint(tmp_path, variant), tmp_path / "m.onnx", sizes=SIZES, exporter=exporter)
     assert report["verified"] and report["max_abs_diff"] < 1e-4

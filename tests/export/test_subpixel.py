@@ -26,7 +26,7 @@ def test_equals_conv_transpose(stride, bias):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant,upsamplers", [("8s", 3), ("4s", 4)])  # 32->16, 16->8, (8->4,) final
+@pytest.mark.parametrize("variant,upsamplers", [("8s", 3), ("4s", 4), ("2s", 5)])  # 32->16, 16->8, (8->4, 4->2,) final
 def test_subpixel_form_is_a_copy_with_the_same_logits(variant, upsamplers):
     model = tiny_fcn(variant, seed=1)
     converted = subpixel_form(model)

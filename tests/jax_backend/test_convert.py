@@ -56,3 +56,8 @@ def test_loading_is_strict():
 def test_only_fcnseg_models_convert():
     with pytest.raises(CheckpointError, match="fcnseg FCNs only"):
         flax_model_of(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_a_variant_without_a_flax_model_is_refused_by_name():
+    with pytest.raises(CheckpointError, match="no Flax model for FCN-2s .*--backend torch"):
+        flax_model_of(random_fcn("fcn_resnet18", "2s"))

@@ -90,7 +90,7 @@ def test_loss_tracks_the_torch_backend(root, jax_run, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,option", [("amp", "bf16", "--amp bf16"), ("cache_features", 2, "--cache-features"),
-                                                ("device", "cuda", "--device cuda")])
+                                                ("device", "cuda", "--device cuda"), ("variant", "2s", "--variant 2s")])
 def test_refused_options_are_named(field, value, option):
     config = TrainConfig(root="x", **{field: value})
     with pytest.raises(OptionError, match=option):

@@ -25,47 +25,66 @@ def test_siblings_build_and_run(name):
         assert model(torch.randn(1, 3, 64, 96)).shape == (1, 4, 64, 96)
 
 
+@pytest.mark.parametrize("variant,skip,stride", [("4s", "score4", 4), ("2s", "score2", 2)])
 @pytest.mark.parametrize("name", ["fcn_resnet18", "fcn_resnet34", "fcn_resnet50", "fcn_mobilenet_v2"])
-def test_fcn4s_forward_and_backward_on_every_body_at_an_odd_size(name):
+def test_fine_variants_forward_and_backward_on_every_body_at_an_odd_size(name, variant, skip, stride):
     torch.manual_seed(0)
-    model = build_model(name, variant="4s", num_classes=3, weights_backbone=None).train()
+    model = build_model(name, variant=variant, num_classes=3, weights_backbone=None).train()
     up = model.upsample_final
-    assert (up.kernel_size, up.stride, up.padding) == (8, 4, 2) and model.upsample8to4.stride == 2
-    assert model.score4.in_channels == model.backbone.channels[0]
-    with torch.no_grad():  # make the new skip count, so its gradient path is exercised
+    assert (up.kernel_size, up.stride, up.padding) == (2 * stride, stride, stride // 2)
+    assert model.upsample8to4.stride == 2
+    assert getattr(model, skip).in_channels == model.backbone.channels[-1 - model.skips]
+    with torch.no_grad():  # make the new skips count, so their gradient paths are exercised
         model.score4.weight.normal_(std=0.1)
+        getattr(model, skip).weight.normal_(std=0.1)
     image = torch.randn(2, 3, 37, 45)  # padded to 64 x 64 inside, cropped back
     logits = model(image)
     assert logits.shape == (2, 3, 37, 45)
     logits.logsumexp(1).mean().backward()
     first_conv = next(p for n, p in model.backbone.stage8.named_parameters() if n.endswith("weight"))
-    for param in ("score4.weight", "upsample8to4.weight", "score8.weight", "score32.weight", "upsample_final.weight"):
+    for param in (f"{skip}.weight", "upsample8to4.weight", "score8.weight", "score32.weight", "upsample_final.weight"):
         grad = model.get_parameter(param).grad
         assert grad is not None and torch.count_nonzero(grad) > 0, param
     assert first_conv.grad is not None and torch.count_nonzero(first_conv.grad) > 0
 
 
-def test_body_taps_strides_4_8_16_32_and_the_4s_head_reads_all_four():
-    model = fcn_resnet18(variant="4s", num_classes=2, weights_backbone=None).eval()
+def test_body_taps_strides_2_4_8_16_32_and_the_2s_head_reads_all_five():
+    model = fcn_resnet18(variant="2s", num_classes=2, weights_backbone=None).eval()
     image = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        c4, c8, c16, c32 = model.backbone(image)
-        body = model.backbone.stage8  # c4 is layer1's output: conv1, bn1, relu, maxpool, layer1
-        assert torch.equal(c4, body[4](body[3](body[2](body[1](body[0](image))))))
+        c2, c4, c8, c16, c32 = model.backbone(image)
+        body = model.backbone.stage8  # c2 is the stem's ReLU, c4 layer1's output (after maxpool)
+        assert torch.equal(c2, body[2](body[1](body[0](image))))
+        assert torch.equal(c4, body[4](body[3](c2)))
         assert torch.equal(c8, body[5](c4))
         # the head's arithmetic, written out: each skip adds to the x2 upsampled coarser scores
         score = model.score32(c32)
         score = model.upsample32to16(score) + model.score16(c16)
         score = model.upsample16to8(score) + model.score8(c8)
         score = model.upsample8to4(score) + model.score4(c4)
+        score = model.upsample4to2(score) + model.score2(c2)
         torch.testing.assert_close(model(image), model.upsample_final(score), rtol=0, atol=0)
-    assert c4.shape == (1, 64, 16, 24)
+    assert c2.shape == (1, 64, 32, 48) and c4.shape == (1, 64, 16, 24)
 
 
-def test_fcn4s_adds_three_tensors_and_renames_nothing_checkpoints_store():
-    keys = {v: list(fcn_resnet18(variant=v, num_classes=3, weights_backbone=None).state_dict()) for v in ("8s", "4s")}
+def test_mobilenet_v2_stride_2_tap_is_its_last_stride_2_block():
+    model = fcn_mobilenet_v2(variant="2s", num_classes=2, weights_backbone=None).eval()
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        c2, c4 = model.backbone(image)[:2]
+        features = model.backbone.stage8
+        assert torch.equal(c2, features[1](features[0](image)))
+    assert c2.shape == (1, 16, 32, 48) and c4.shape == (1, 24, 16, 24)
+    assert model.score2.in_channels == 16
+
+
+def test_fcn4s_and_2s_add_three_tensors_each_and_rename_nothing_checkpoints_store():
+    keys = {v: list(fcn_resnet18(variant=v, num_classes=3, weights_backbone=None).state_dict())
+            for v in ("8s", "4s", "2s")}
     assert [k for k in keys["4s"] if k not in keys["8s"]] == ["score4.weight", "score4.bias", "upsample8to4.weight"]
     assert [k for k in keys["4s"] if k in keys["8s"]] == keys["8s"]
+    assert [k for k in keys["2s"] if k not in keys["4s"]] == ["score2.weight", "score2.bias", "upsample4to2.weight"]
+    assert [k for k in keys["2s"] if k in keys["4s"]] == keys["4s"]
     # the 8s head's names, in order (optimizer states in checkpoints follow parameter order)
     assert [k for k in keys["8s"] if not k.startswith("backbone.")] == [
         "score32.weight", "score32.bias", "score16.weight", "score16.bias", "upsample32to16.weight",
@@ -81,6 +100,11 @@ def test_fcn4s_needs_a_body_with_a_stride_4_tap():
     FCN(three_taps, 3, variant="8s")  # the other variants read (c8, c16, c32) from the end
     with pytest.raises(ValueError, match="stride-4"):
         FCN(three_taps, 3, variant="4s")
+    four_taps = TinyBackbone()
+    four_taps.channels = (4, 8, 16, 32)
+    FCN(four_taps, 3, variant="4s")
+    with pytest.raises(ValueError, match="FCN-2s needs a body with a stride-2 tap: .* has only strides 4, 8, 16, 32"):
+        FCN(four_taps, 3, variant="2s")
 
 
 def test_chapter_fcn32s_structure():
@@ -92,9 +116,9 @@ def test_chapter_fcn32s_structure():
     assert (up.kernel_size, up.stride, up.padding) == (64, 32, 16)
     assert up.weight.shape == (21, 21, 64, 64)
     # the body ends at layer4: 512 channels at stride 32, no avgpool/fc
-    c4, c8, c16, c32 = model.backbone(torch.randn(1, 3, 320, 480))
+    c2, c4, c8, c16, c32 = model.backbone(torch.randn(1, 3, 320, 480))
     assert c32.shape == (1, 512, 10, 15) and c16.shape == (1, 256, 20, 30) and c8.shape == (1, 128, 40, 60)
-    assert c4.shape == (1, 64, 80, 120)
+    assert c4.shape == (1, 64, 80, 120) and c2.shape == (1, 64, 160, 240)
     assert not any("fc" in k or "avgpool" in k for k in model.state_dict())
 
 
@@ -208,7 +232,7 @@ def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="fcn_resnet18"):
         build_model("fcn_vgg16")
     with pytest.raises(ValueError, match="variant"):
-        fcn_resnet18(variant="2s", weights_backbone=None)
+        fcn_resnet18(variant="1s", weights_backbone=None)
     with pytest.raises(ValueError, match="upsampler"):
         fcn_resnet18(upsampler="nearest", weights_backbone=None)
     assert list_models() == ["fcn_resnet18", "fcn_resnet34", "fcn_resnet50", "fcn_mobilenet_v2"]
@@ -216,10 +240,10 @@ def test_unknown_names_are_refused():
 
 def test_mobilenet_taps_have_the_documented_channels():
     model = fcn_mobilenet_v2(variant="8s", num_classes=2, weights_backbone=None)
-    c4, c8, c16, c32 = model.backbone(torch.randn(1, 3, 64, 96))
-    assert (c4.shape[1], c8.shape[1], c16.shape[1], c32.shape[1]) == model.backbone.channels == (24, 32, 96, 1280)
+    c2, c4, c8, c16, c32 = model.backbone(torch.randn(1, 3, 64, 96))
+    assert tuple(c.shape[1] for c in (c2, c4, c8, c16, c32)) == model.backbone.channels == (16, 24, 32, 96, 1280)
     assert c8.shape[-2:] == (8, 12) and c16.shape[-2:] == (4, 6) and c32.shape[-2:] == (2, 3)
-    assert c4.shape[-2:] == (16, 24)
+    assert c4.shape[-2:] == (16, 24) and c2.shape[-2:] == (32, 48)
 
 
 def test_chapter_parameter_count_with_the_transposed_convolution_bias():

@@ -92,7 +92,7 @@ def test_fused_dice_loss_under_native_bf16_autocast_stays_close(monkeypatch):
         assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
 
 
-@pytest.mark.parametrize("variant", ["8s", "4s"])
+@pytest.mark.parametrize("variant", ["8s", "4s", "2s"])
 def test_fcn_cross_entropy_with_dice_trains_the_model_as_its_forward_and_loss_do(variant):
     from fcnseg import fcn_resnet18
     from fcnseg.ops.losses import training_loss
@@ -100,7 +100,7 @@ def test_fcn_cross_entropy_with_dice_trains_the_model_as_its_forward_and_loss_do
 
     torch.manual_seed(0)
     model = fcn_resnet18(variant=variant, num_classes=3, weights_backbone=None, upsampler="xavier").eval()
-    for name in ("score16", "score8", "score4"):  # the skip score layers start at zero; make them count
+    for name in ("score16", "score8", "score4", "score2"):  # the skip score layers start at zero; make them count
         if hasattr(model, name):
             torch.nn.init.normal_(getattr(model, name).weight, std=0.1)
     image = torch.randn(2, 3, 45, 61)

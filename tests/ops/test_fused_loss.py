@@ -119,7 +119,7 @@ def test_fused_loss_refuses_what_it_cannot_compute():
 
 
 @pytest.mark.parametrize("variant,biased", [("32s", False), ("8s", False), ("32s", True), ("8s", True), ("4s", False),
-                                            ("4s", True)])
+                                            ("4s", True), ("2s", True)])
 def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant, biased):
     from fcnseg import fcn_resnet18
     from fcnseg.ops.loss import segmentation_loss
@@ -130,7 +130,7 @@ def test_fcn_cross_entropy_trains_the_model_as_its_forward_and_loss_do(variant, 
                          upsampler_bias=biased).eval()
     if biased:
         model.upsample_final.bias.data.copy_(torch.tensor([0.5, -1.0, 1.5]))
-    for name in ("score16", "score8", "score4"):  # the skip score layers start at zero; make them count
+    for name in ("score16", "score8", "score4", "score2"):  # the skip score layers start at zero; make them count
         if hasattr(model, name):
             torch.nn.init.normal_(getattr(model, name).weight, std=0.1)
     if variant == "4s":  # the final upsampler is the stride-4 one (kernel 8) the fused loss computes

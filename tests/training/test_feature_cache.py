@@ -48,7 +48,7 @@ def frozen_model(variant: str) -> torch.nn.Module:
     return model.train()
 
 
-@pytest.mark.parametrize("variant", ["32s", "16s", "8s", "4s"])
+@pytest.mark.parametrize("variant", ["32s", "16s", "8s", "4s", "2s"])
 def test_pack_unpack_round_trip(variant):
     model = frozen_model(variant)
     with torch.no_grad():
@@ -56,11 +56,11 @@ def test_pack_unpack_round_trip(variant):
     restored = unpack_features(pack_features(features, variant), model.backbone.channels, variant)
     for original, back in zip(features, restored):
         assert back is None or torch.equal(original, back)
-    read = {"32s": 1, "16s": 2, "8s": 3, "4s": 4}[variant]  # taps read, from the end (c32 first)
-    assert len(restored) == 4 and all((back is None) == (k < 4 - read) for k, back in enumerate(restored))
+    read = {"32s": 1, "16s": 2, "8s": 3, "4s": 4, "2s": 5}[variant]  # taps read, from the end (c32 first)
+    assert len(restored) == 5 and all((back is None) == (k < 5 - read) for k, back in enumerate(restored))
 
 
-@pytest.mark.parametrize("variant", ["32s", "8s", "4s"])
+@pytest.mark.parametrize("variant", ["32s", "8s", "4s", "2s"])
 def test_cached_head_equals_the_full_frozen_model_on_the_same_view(variant):
     model = frozen_model(variant)
     views = augmented()
@@ -165,17 +165,19 @@ def test_a_cached_fcn4s_run_trains_the_stride_4_skip(scenes, tmp_path):
     assert torch.count_nonzero(checkpoint["state_dict"]["score4.weight"]) > 0  # it starts at zero
 
 
-def test_the_stride_4_tap_is_in_the_fingerprint_of_4s_caches_only():
+def test_the_fine_taps_are_in_the_fingerprint_of_the_caches_that_read_them_only():
     from fcnseg.training.feature_cache import cache_fingerprint
 
     views = augmented()
     fingerprints = {}
-    for c4 in (64, 65):  # a body whose stride-4 tap differs, nothing else
-        for variant in ("8s", "4s"):
+    for c2, c4 in ((64, 64), (64, 65), (65, 64)):  # a body whose stride-2 or stride-4 tap differs, nothing else
+        for variant in ("8s", "4s", "2s"):
             torch.manual_seed(0)  # the same body weights every time
             model = frozen_model(variant)
-            model.backbone.channels = (c4, *model.backbone.channels[1:])
-            fingerprints[c4, variant] = cache_fingerprint(model, views, 2, "float16")
-    # caches made before FCN-4s (bodies of three taps) stay valid for 32s/16s/8s
-    assert fingerprints[64, "8s"] == fingerprints[65, "8s"]
-    assert fingerprints[64, "4s"] != fingerprints[65, "4s"] and fingerprints[64, "4s"] != fingerprints[64, "8s"]
+            model.backbone.channels = (c2, c4, *model.backbone.channels[2:])
+            fingerprints[c2, c4, variant] = cache_fingerprint(model, views, 2, "float16")
+    # caches made before FCN-4s (bodies of three taps) stay valid for 32s/16s/8s, and 4s caches for 4s
+    assert fingerprints[64, 64, "8s"] == fingerprints[64, 65, "8s"] == fingerprints[65, 64, "8s"]
+    assert fingerprints[64, 64, "4s"] == fingerprints[65, 64, "4s"] != fingerprints[64, 65, "4s"]
+    assert len({fingerprints[key + ("2s",)] for key in ((64, 64), (64, 65), (65, 64))}) == 3
+    assert len({fingerprints[64, 64, v] for v in ("8s", "4s", "2s")}) == 3

@@ -29,7 +29,7 @@ import torch
 from flax import traverse_util
 
 from fcnseg.errors import CheckpointError
-from fcnseg.jax_backend.models import FCN
+from fcnseg.jax_backend.models import FCN, VARIANTS
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...} nested dicts of arrays
 
@@ -45,13 +45,17 @@ def flax_model(model_name: str, model_kwargs: Mapping[str, Any], *, folded: bool
         folded: the inference form (BatchNorm folded into convolutions).
 
     Raises:
-        CheckpointError: a model name the JAX backend has no Flax model for.
+        CheckpointError: a model name or variant the JAX backend has no Flax model for.
     """
     backbone = model_name.removeprefix("fcn_")
     if backbone not in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
         raise CheckpointError(f"the JAX backend has no Flax model for {model_name!r}")
+    variant = model_kwargs.get("variant", "32s")
+    if variant not in VARIANTS:
+        raise CheckpointError(f"the JAX backend has no Flax model for FCN-{variant} (it builds FCN-"
+                              f"{', '.join(VARIANTS)}); use another backend (--backend torch)")
     return FCN(backbone=backbone, num_classes=int(model_kwargs.get("num_classes", 21)),
-               variant=model_kwargs.get("variant", "32s"), upsampler=model_kwargs.get("upsampler", "bilinear"),
+               variant=variant, upsampler=model_kwargs.get("upsampler", "bilinear"),
                upsampler_bias=bool(model_kwargs.get("upsampler_bias", False)),
                freeze_backbone=bool(model_kwargs.get("freeze_backbone", False)), folded=folded)
 

@@ -27,6 +27,7 @@ import torch
 from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.errors import CheckpointError, OptionError
 from fcnseg.jax_backend.convert import flax_to_torch, from_torch_model
+from fcnseg.jax_backend.models import VARIANTS as JAX_VARIANTS
 from fcnseg.jax_backend.step import TrainStep
 from fcnseg.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fcnseg.training.callbacks import Callback
@@ -42,11 +43,14 @@ def check_jax_config(config: TrainConfig) -> None:
     """Refuses the options the JAX backend does not carry out, naming each, before any work.
 
     Raises:
-        OptionError: ``--amp bf16/fp16``, ``--cache-features``, a loss other than ``ce``, a
+        OptionError: ``--amp bf16/fp16``, ``--variant 2s``, ``--cache-features``, a loss other than ``ce``, a
             ``--device`` other than cpu/auto, or a torchrun launch.
     """
     if config.amp in ("bf16", "fp16"):
         raise OptionError(f"--amp {config.amp}: the JAX backend trains in float32; use --amp none (or auto)")
+    if config.variant not in JAX_VARIANTS:
+        raise OptionError(f"--variant {config.variant}: the JAX backend builds FCN-{', '.join(JAX_VARIANTS)}; "
+                          "use one of them, or --backend torch")
     if config.cache_features:
         raise OptionError("--cache-features: not supported with --backend jax (its head training is PyTorch's); "
                           "use --backend torch, or drop --cache-features")

@@ -1,4 +1,4 @@
-"""torchvision classification bodies as FCN feature extractors with taps at strides 4, 8, 16 and 32.
+"""torchvision classification bodies as FCN feature extractors with taps at strides 2, 4, 8, 16 and 32.
 
 ImageNet weights come from torchvision's weights enums when online, or from a local state-dict
 file (loaded strictly, ``weights_only=True``) when not. This module knows nothing of datasets,
@@ -27,33 +27,34 @@ class BackboneSpec:
 
     builder: Callable[..., nn.Module]
     weights_enum: type
-    channels: tuple[int, int, int, int]  # channels at strides 4, 8, 16, 32
+    channels: tuple[int, int, int, int, int]  # channels at strides 2, 4, 8, 16, 32
 
 
 BACKBONES: Mapping[str, BackboneSpec] = MappingProxyType({
-    "resnet18": BackboneSpec(torchvision.models.resnet18, torchvision.models.ResNet18_Weights, (64, 128, 256, 512)),
-    "resnet34": BackboneSpec(torchvision.models.resnet34, torchvision.models.ResNet34_Weights, (64, 128, 256, 512)),
+    "resnet18": BackboneSpec(torchvision.models.resnet18, torchvision.models.ResNet18_Weights, (64, 64, 128, 256, 512)),
+    "resnet34": BackboneSpec(torchvision.models.resnet34, torchvision.models.ResNet34_Weights, (64, 64, 128, 256, 512)),
     "resnet50": BackboneSpec(torchvision.models.resnet50, torchvision.models.ResNet50_Weights,
-                             (256, 512, 1024, 2048)),
+                             (64, 256, 512, 1024, 2048)),
     "mobilenet_v2": BackboneSpec(torchvision.models.mobilenet_v2, torchvision.models.MobileNet_V2_Weights,
-                                 (24, 32, 96, 1280)),
+                                 (16, 24, 32, 96, 1280)),
 })
 
 # MobileNetV2 `features` indices that end each stride: [0, 7) -> 8, [7, 14) -> 16, [14, 19) -> 32.
 _MOBILENET_STAGE_ENDS = (7, 14, 19)
-# How many children of ``stage8`` make the stride-4 tap: ResNet's conv1, bn1, relu, maxpool and
-# layer1; MobileNetV2's features[:4] (its last stride-4 block, 24 channels).
-_STAGE4_END = {"resnet": 5, "mobilenet": 4}
+# How many children of ``stage8`` make the stride-2 and stride-4 taps: ResNet's conv1, bn1, relu
+# (stride 2), then maxpool and layer1 (stride 4); MobileNetV2's features[:2] (its last stride-2 block,
+# 16 channels) and features[:4] (its last stride-4 block, 24 channels).
+_EARLY_TAP_ENDS = {"resnet": (3, 5), "mobilenet": (2, 4)}
 
 
 class Backbone(nn.Module):
     """A classification body split into three stages ending at strides 8, 16 and 32.
 
-    ``forward`` returns four feature maps ``(c4, c8, c16, c32)``; for ResNet they are the outputs
-    of layer1, layer2, layer3 and layer4 (the chapter's body is everything up to layer4, without
-    avgpool and fc). ``c4`` is read inside ``stage8`` (after its first ``stage4_end`` children), so
-    the state-dict keys are those of the three stages; only FCN-4s uses it. ``channels`` lists the
-    four maps' channels. ``body`` is the torchvision module whose state dict ImageNet files describe.
+    ``forward`` returns five feature maps ``(c2, c4, c8, c16, c32)``; for ResNet ``c2`` is the stem's
+    ReLU and the others the outputs of layer1, layer2, layer3 and layer4 (the chapter's body is
+    everything up to layer4, without avgpool and fc). ``c2`` and ``c4`` are read inside ``stage8``
+    (after its first ``early_tap_ends`` children), so the state-dict keys are those of the three
+    stages; only FCN-2s and FCN-4s use them. ``channels`` lists the five maps' channels. ``body`` is the torchvision module whose state dict ImageNet files describe.
     """
 
     def __init__(self, name: str) -> None:
@@ -63,7 +64,7 @@ class Backbone(nn.Module):
         self.name = name
         self.channels = BACKBONES[name].channels
         net = BACKBONES[name].builder(weights=None)
-        self.stage4_end = _STAGE4_END["resnet" if name.startswith("resnet") else "mobilenet"]
+        self.early_tap_ends = _EARLY_TAP_ENDS["resnet" if name.startswith("resnet") else "mobilenet"]
         if name.startswith("resnet"):
             self.stage8 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
             self.stage16 = net.layer3
@@ -77,15 +78,15 @@ class Backbone(nn.Module):
         # Kept only to map torchvision's key names onto ours; not registered as a submodule.
         self._keymap = _torchvision_key_map(net, self)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        c4 = c8 = x
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c8, early = x, []
         for index, layer in enumerate(self.stage8):
             c8 = layer(c8)
-            if index + 1 == self.stage4_end:
-                c4 = c8
+            if index + 1 in self.early_tap_ends:
+                early.append(c8)
         c16 = self.stage16(c8)
         c32 = self.stage32(c16)
-        return c4, c8, c16, c32
+        return (*early, c8, c16, c32)
 
     def load_torchvision_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Loads a torchvision state dict of the whole classifier or of its body, strictly.

@@ -5,10 +5,11 @@ bilinear init). FCN-16s and FCN-8s add score maps of the stride-16 and stride-8 
 transposed convs (the paper's skip architecture); their score layers start at zero so a fresh
 16s/8s predicts what the 32s it extends predicts. FCN-4s (not in the paper) takes one more skip,
 from the stride-4 stage (ResNet's layer1), for thin classes; a fresh 4s predicts what its 8s does
-up to the difference between one bilinear x8 upsampling and two (x2 then x4).
+up to the difference between one bilinear x8 upsampling and two (x2 then x4). FCN-2s goes one
+stage further, to the stride-2 stem.
 
-The body's features are ``(c4, c8, c16, c32)`` (`fcnseg.models.backbones.Backbone`); the head reads
-them from the end, so a body of three taps ``(c8, c16, c32)`` serves every variant but 4s.
+The body's features are ``(c2, c4, c8, c16, c32)`` (`fcnseg.models.backbones.Backbone`); the head
+reads them from the end, so a body of three taps ``(c8, c16, c32)`` serves 32s, 16s and 8s.
 """
 from __future__ import annotations
 
@@ -22,15 +23,19 @@ from torch import nn
 from fcnseg.models.backbones import BACKBONES, WeightsArg, build_backbone
 from fcnseg.models.upsample import UPSAMPLER_CHOICES, TransposedConvUpsampler, UpsamplerInit
 
-Variant = Literal["32s", "16s", "8s", "4s"]
-VARIANTS: tuple[str, ...] = ("32s", "16s", "8s", "4s")
+Variant = Literal["32s", "16s", "8s", "4s", "2s"]
+VARIANTS: tuple[str, ...] = ("32s", "16s", "8s", "4s", "2s")  # coarse to fine: each adds one skip
 # The stride of the scores that enter each variant's final upsampler.
-VARIANT_STRIDES: Mapping[str, int] = MappingProxyType({"32s": 32, "16s": 16, "8s": 8, "4s": 4})
+VARIANT_STRIDES: Mapping[str, int] = MappingProxyType({"32s": 32, "16s": 16, "8s": 8, "4s": 4, "2s": 2})
 OUTPUT_STRIDE = 32
+# Each skip's score layer and x2 upsampler, coarse to fine: the first k of them make the k-th variant
+# after 32s. The n-th reads the body's (n + 2)-th feature map from the end.
+_SKIPS = (("score16", "upsample32to16"), ("score8", "upsample16to8"), ("score4", "upsample8to4"),
+          ("score2", "upsample4to2"))
 
 
 class FCN(nn.Module):
-    """FCN-32s/16s/8s/4s on a `Backbone`; ``forward`` returns logits of the input's exact size.
+    """FCN-32s/16s/8s/4s/2s on a `Backbone`; ``forward`` returns logits of the input's exact size.
 
     Inputs of any size are padded (bottom and right, with zeros: the mean colour after ImageNet
     normalisation) to a multiple of 32 so that every stage aligns exactly, and the logits are
@@ -61,19 +66,15 @@ class FCN(nn.Module):
         self.num_classes = num_classes
         self.variant = variant
         channels = tuple(backbone.channels)
-        if variant == "4s" and len(channels) < 4:
-            raise ValueError(f"FCN-4s needs a body with a stride-4 tap: channels {channels} has only "
-                             f"strides 8, 16, 32")
+        self.skips = VARIANTS.index(variant)
+        if len(channels) < self.skips + 1:
+            strides = ", ".join(str(OUTPUT_STRIDE >> k) for k in reversed(range(len(channels))))
+            raise ValueError(f"FCN-{variant} needs a body with a stride-{VARIANT_STRIDES[variant]} tap: "
+                             f"channels {channels} has only strides {strides}")
         self.score32 = nn.Conv2d(channels[-1], num_classes, kernel_size=1)
-        if variant != "32s":
-            self.score16 = _zero_conv1x1(channels[-2], num_classes)
-            self.upsample32to16 = TransposedConvUpsampler(num_classes, 2, upsampler)
-        if variant in ("8s", "4s"):
-            self.score8 = _zero_conv1x1(channels[-3], num_classes)
-            self.upsample16to8 = TransposedConvUpsampler(num_classes, 2, upsampler)
-        if variant == "4s":
-            self.score4 = _zero_conv1x1(channels[-4], num_classes)
-            self.upsample8to4 = TransposedConvUpsampler(num_classes, 2, upsampler)
+        for k, (score_name, upsampler_name) in enumerate(_SKIPS[:self.skips]):
+            setattr(self, score_name, _zero_conv1x1(channels[-2 - k], num_classes))
+            setattr(self, upsampler_name, TransposedConvUpsampler(num_classes, 2, upsampler))
         self.upsample_final = TransposedConvUpsampler(num_classes, VARIANT_STRIDES[variant], upsampler,
                                                       bias=upsampler_bias)
         self.freeze_backbone = freeze_backbone
@@ -97,24 +98,20 @@ class FCN(nn.Module):
         """Scores and upsamplers on body features (padded size); used alone with cached features.
 
         Args:
-            *features: the body's ``(c4, c8, c16, c32)`` (or ``(c8, c16, c32)``); maps the variant
-                does not read may be None.
+            *features: the body's ``(c2, c4, c8, c16, c32)`` (or ``(c8, c16, c32)``); maps the
+                variant does not read may be None.
         """
         return self.upsample_final(self.scores(*features))
 
     def scores(self, *features: torch.Tensor | None) -> torch.Tensor:
-        """The class scores that enter the final upsampler: stride 32, 16, 8 or 4 by variant.
+        """The class scores that enter the final upsampler: stride 32, 16, 8, 4 or 2 by variant.
 
         Args:
             *features: as `head`, read from the end (``features[-1]`` is ``c32``).
         """
         score = self.score32(features[-1])
-        if self.variant != "32s":
-            score = self.upsample32to16(score) + self.score16(features[-2])
-        if self.variant in ("8s", "4s"):
-            score = self.upsample16to8(score) + self.score8(features[-3])
-        if self.variant == "4s":
-            score = self.upsample8to4(score) + self.score4(features[-4])
+        for k, (score_name, upsampler_name) in enumerate(_SKIPS[:self.skips]):
+            score = getattr(self, upsampler_name)(score) + getattr(self, score_name)(features[-2 - k])
         return score
 
 
@@ -171,7 +168,8 @@ def fcn_resnet18(
     """FCN on ResNet-18: the chapter's model (with ``variant="32s"``).
 
     Args:
-        variant: "32s", "16s", "8s" or "4s" (a stride-4 skip from layer1, for thin classes).
+        variant: "32s", "16s", "8s", "4s" (a stride-4 skip from layer1, for thin classes) or "2s"
+            (one more, from the stride-2 stem).
         num_classes: classes including background (21 for VOC).
         weights_backbone: "DEFAULT" for torchvision's ImageNet weights, a path to a local
             state-dict file, or None for random initialisation.

@@ -17,13 +17,14 @@ from torch import nn
 from fcnseg.models.fcn import FCN
 
 # Which taps each variant's head reads, counted from the end of the body's features (-1 is c32,
-# -4 is c4), and the space-to-depth factor of each tap.
-_HEAD_TAPS: dict[str, tuple[int, ...]] = {"32s": (-1,), "16s": (-2, -1), "8s": (-3, -2, -1), "4s": (-4, -3, -2, -1)}
-_TAP_FACTORS = {-1: 1, -2: 2, -3: 4, -4: 8}
+# -5 is c2), and the space-to-depth factor of each tap.
+_HEAD_TAPS: dict[str, tuple[int, ...]] = {"32s": (-1,), "16s": (-2, -1), "8s": (-3, -2, -1), "4s": (-4, -3, -2, -1),
+                                         "2s": (-5, -4, -3, -2, -1)}
+_TAP_FACTORS = {-1: 1, -2: 2, -3: 4, -4: 8, -5: 16}
 
 
 def packed_channels(channels: Sequence[int], variant: str) -> int:
-    """Channels of the packed features of a body with ``channels`` (at strides (4,) 8, 16, 32)."""
+    """Channels of the packed features of a body with ``channels`` (at strides (2, 4,) 8, 16, 32)."""
     return sum(channels[k] * _TAP_FACTORS[k] ** 2 for k in _HEAD_TAPS[variant])
 
 
@@ -31,12 +32,12 @@ def pack_features(features: Sequence[torch.Tensor], variant: str) -> torch.Tenso
     """The body features a variant's head reads, as one tensor on the stride-32 grid.
 
     Args:
-        features: ``(c4, c8, c16, c32)`` (or ``(c8, c16, c32)``) at the padded input size
+        features: ``(c2, c4, c8, c16, c32)`` (or ``(c8, c16, c32)``) at the padded input size
             (multiples of 32).
-        variant: "32s", "16s", "8s" or "4s".
+        variant: "32s", "16s", "8s", "4s" or "2s".
 
     Returns:
-        ``(N, packed_channels, H/32, W/32)``: ``c32``, preceded by ``c16``, ``c8`` and ``c4``
+        ``(N, packed_channels, H/32, W/32)``: ``c32``, preceded by ``c16``, ``c8``, ``c4`` and ``c2``
         rearranged by ``F.pixel_unshuffle`` when the head reads them.
     """
     parts = [F.pixel_unshuffle(features[k], _TAP_FACTORS[k]) if _TAP_FACTORS[k] > 1 else features[k]
@@ -45,7 +46,7 @@ def pack_features(features: Sequence[torch.Tensor], variant: str) -> torch.Tenso
 
 
 def unpack_features(packed: torch.Tensor, channels: Sequence[int], variant: str) -> tuple[torch.Tensor | None, ...]:
-    """Inverse of `pack_features`: one map per entry of ``channels`` (``(c4, c8, c16, c32)`` for
+    """Inverse of `pack_features`: one map per entry of ``channels`` (``(c2, c4, c8, c16, c32)`` for
     fcnseg's bodies), None for taps the head does not read."""
     taps = _HEAD_TAPS[variant]
     parts = packed.split([channels[k] * _TAP_FACTORS[k] ** 2 for k in taps], 1)

@@ -243,9 +243,10 @@ def cache_fingerprint(model: FCN, views: Dataset, num_views: int, dtype: str) ->
     description = {
         "format_version": FORMAT_VERSION,
         "variant": model.variant,
-        # A body's stride-8/16/32 channels, as caches made before FCN-4s recorded them: its stride-4
-        # tap changes nothing a 32s/16s/8s cache holds, so those caches stay valid.
-        "channels": list(model.backbone.channels[-4 if model.variant == "4s" else -3:]),
+        # A body's stride-8/16/32 channels, as caches made before FCN-4s recorded them (and its
+        # stride-4, stride-2 taps for 4s, 2s): the finer taps change nothing a 32s/16s/8s cache
+        # holds, so those caches stay valid.
+        "channels": list(model.backbone.channels[-{"4s": 4, "2s": 5}.get(model.variant, 3):]),
         "num_views": num_views,
         "dtype": dtype,
         "dataset": type(base).__name__,
