@@ -51,10 +51,15 @@ def test_fused_loss_and_gradients_equal_the_unfused_ones(monkeypatch, stride, gr
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("stride,cells,length", [(2, 4, 6), (2, 4, 5), (8, 3, 13), (8, 5, 13), (32, 11, 320), (32, 13, 375)])
-def test_cell_runs_cover_every_image_pixel_once(stride, cells, length):
+@pytest.mark.parametrize("whole_cells", [None, False, True])
+@pytest.mark.parametrize("stride,cells,length", [(2, 4, 6), (2, 4, 5), (4, 6, 19), (8, 3, 13), (8, 5, 13), (32, 11, 320),
+                                                 (32, 13, 375)])
+def test_cell_runs_cover_every_image_pixel_once(stride, cells, length, whole_cells):
     covered = torch.zeros(cells * stride, dtype=torch.long)  # the upsampler's canvas along one axis
-    for first, stop, lo, hi in cell_blocks.cell_runs(cells, stride, length):
+    runs = cell_blocks.cell_runs(cells, stride, length, whole_cells=whole_cells)
+    widest = max(hi - lo for _, _, lo, hi in runs)
+    assert widest == (stride if whole_cells or (whole_cells is None and stride < 8) else stride // 2)
+    for first, stop, lo, hi in runs:
         for m in range(first, stop):
             covered[m * stride + lo:m * stride + hi] += 1
     half = stride // 2

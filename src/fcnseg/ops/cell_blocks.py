@@ -14,8 +14,8 @@ import torch
 TAPS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
-def cell_runs(cells: int, stride: int, length: int) -> list[tuple[int, int, int, int]]:
-    """The upsampler's output cells along one axis, as runs of half-cells that overlap the image alike.
+def cell_runs(cells: int, stride: int, length: int, *, whole_cells: bool | None = None) -> list[tuple[int, int, int, int]]:
+    """The upsampler's output cells along one axis, as runs of (half-)cells that overlap the image alike.
 
     Cell ``m`` covers canvas positions ``m*s .. m*s + s - 1``; the image covers ``s/2 .. s/2 +
     length - 1`` of the canvas (the upsampler's output starts half a stride before the image). So
@@ -23,7 +23,9 @@ def cell_runs(cells: int, stride: int, length: int) -> list[tuple[int, int, int,
     their pixels are never labelled and are not computed (at 320x480 that is 15% of the work).
     Each half of a cell is a run of its own, so that every cell of a run shares its in-image pixels
     (one GEMM per run) and an image of whole strides needs only two runs per axis; half-cells also
-    make GEMMs of a shape that measured 30% faster here than whole cells.
+    make GEMMs of a shape that measured 30% faster here than whole cells. Below stride 8 a half-cell
+    holds fewer pixels (4 at stride 4) than the softmax kernel's 16 lanes, so there (``whole_cells``
+    None) runs are of whole cells, the first and last cell runs of their own.
 
     Returns:
         ``(first_cell, stop_cell, lo, hi)`` per run: the cells ``first_cell .. stop_cell - 1`` whose
@@ -31,10 +33,12 @@ def cell_runs(cells: int, stride: int, length: int) -> list[tuple[int, int, int,
     """
     runs: list[tuple[int, int, int, int]] = []
     half = stride // 2
-    for part in (0, 1):
+    parts = 1 if (stride < 8 if whole_cells is None else whole_cells) else 2
+    piece = stride // parts
+    for part in range(parts):
         for m in range(cells):
-            lo = max(m * stride + part * half, half) - m * stride
-            hi = min(m * stride + (part + 1) * half, half + length) - m * stride
+            lo = max(m * stride + part * piece, half) - m * stride
+            hi = min(m * stride + (part + 1) * piece, half + length) - m * stride
             if hi <= lo:
                 continue
             if runs and runs[-1][1] == m and runs[-1][2:] == (lo, hi):

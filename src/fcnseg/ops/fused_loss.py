@@ -140,7 +140,7 @@ class _FusedPass:
         # over larger chunks than the float32 softmax: fewer, larger products, and the weight's
         # gradient summed once per GEMM chunk (6% faster per step here); in float32 the softmax
         # works in place on the GEMM's output, which must then stay in cache.
-        softmax_size = max(PIXELS_PER_CHUNK, s * s // 4) * c
+        softmax_size = max(PIXELS_PER_CHUNK, s * s) * c  # at least one GEMM row: a whole cell
         self.gemm_size = max(PIXELS_PER_GEMM * c, softmax_size) if low_precision else softmax_size
         logits_buffer = torch.empty(softmax_size, dtype=torch.float32, device=device)
         self.gemm_buffer = (torch.empty(self.gemm_size, dtype=dtype, device=device) if low_precision
