@@ -38,6 +38,15 @@ class DiceTerms:
         self.probability = torch.zeros(num_classes, dtype=torch.float64, device=target.device)
         self.alpha: torch.Tensor | None = None  # set by `finish`, which ends the first pass
         self.beta: torch.Tensor | None = None
+        # The second pass's per-chunk factors, one buffer for every block (a fresh one per block
+        # would cost page faults on every step).
+        self.factors = torch.empty(0, dtype=torch.float32, device=target.device)
+
+    def factor_buffer(self, size: int) -> torch.Tensor:
+        """A float32 buffer of at least ``size`` values, reused across blocks."""
+        if self.factors.numel() < size:
+            self.factors = torch.empty(size, dtype=torch.float32, device=self.factors.device)
+        return self.factors[:size]
 
     def block_labelled(self, block: CellBlock) -> torch.Tensor:
         """The labelled mask (1.0 or 0.0) of ``block``'s pixels, ``(cells, pixels)``."""
@@ -78,7 +87,6 @@ class DiceSoftmax:
         self.row_offsets = torch.arange(self.rows, dtype=torch.int32, device=device).unsqueeze(1) * (c * pixels)
         self.labelled = terms.block_labelled(block)
         self.bits = torch.zeros((), dtype=torch.float64, device=device)  # cross-entropy, second pass
-        self.factors = torch.empty(self.rows * c * pixels, dtype=torch.float32, device=device)
 
     def __call__(self, gemm_logits: torch.Tensor, gemm_start: int, gemm_stop: int) -> None:
         """Adds the GEMM chunk's sums (first pass) or turns its logits into d loss / d logits (second)."""
@@ -112,7 +120,7 @@ class DiceSoftmax:
         alpha_y = terms.alpha.index_select(0, classes.view(-1)).view(k, pixels)
         # d Dice / d z_ic = p_ic (g_ic - sum_k p_ik g_ik), g_ic = alpha_c [y = c] + beta_c on labelled pixels
         mixed = alpha_y * target_probs + torch.einsum("c,kcp->kp", terms.beta, probs)
-        factors = self.factors[:chunk.numel()].view(k, c, pixels)
+        factors = terms.factor_buffer(buffers.softmax_size)[:chunk.numel()].view(k, c, pixels)
         torch.mul(labelled.unsqueeze(1), terms.beta.view(1, c, 1), out=factors)
         factors.add_((weights - labelled * mixed).unsqueeze(1))
         probs.mul_(factors)
