@@ -84,3 +84,48 @@ def test_inference_form_keeps_the_final_upsampler_bias():
         got = fast(image)
     torch.testing.assert_close(fast.upsample_final.bias, model.upsample_final.bias)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name,fused", [("fcn_mobilenet_v2", 35), ("fcn_resnet18", 1)])
+def test_activations_fuse_with_their_convolutions_only_where_run_once_in_order(name, fused):
+    import copy
+
+    from fcnseg.models.inference_form import ConvActivation
+
+    model = with_running_statistics(build_model(name, variant="8s", num_classes=3, weights_backbone=None))
+    folded = fold_batchnorm(copy.deepcopy(model))
+    fast = inference_form(model)
+    # MobileNetV2: every Conv2dNormActivation; ResNet: the stem only (its blocks reuse their ReLU
+    # after the residual sum, so those stay as they are)
+    fused_modules = [m for m in fast.modules() if isinstance(m, ConvActivation)]
+    assert len(fused_modules) == fused
+    inside = {id(m.activation) for m in fused_modules}
+    left = [m for m in fast.modules() if isinstance(m, (nn.ReLU, nn.ReLU6)) and id(m) not in inside]
+    assert (len(left) == 0) == (name == "fcn_mobilenet_v2")
+    assert list(fast.state_dict()) == list(folded.state_dict())  # checkpoints and exports see no change
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_convolution_equals_the_convolution_then_its_activation(dtype):
+    from fcnseg.models.inference_form import ConvActivation
+
+    torch.manual_seed(0)
+    for activation, groups in ((nn.ReLU6(), 1), (nn.ReLU(), 1), (nn.ReLU6(), 8)):
+        conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=groups).to(memory_format=torch.channels_last)
+        fused = ConvActivation(conv, activation)
+        x = (torch.randn(2, 8, 11, 13) * 3).to(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            got, expected = fused(x), activation(conv(x))
+        assert got.dtype == expected.dtype == dtype
+        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+        torch.testing.assert_close(got.float(), expected.float(), **tolerance)
+        assert got.min() >= 0 and (isinstance(activation, nn.ReLU) or got.max() <= 6)
+
+
+def test_an_activation_used_twice_is_not_fused():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), relu, nn.Conv2d(4, 4, 1), relu, nn.Conv2d(4, 4, 1), nn.ReLU6())
+    from fcnseg.models.inference_form import ConvActivation, fuse_activations
+
+    fuse_activations(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU, ConvActivation, nn.Identity]
