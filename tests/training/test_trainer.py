@@ -364,7 +364,7 @@ def test_a_loss_for_thin_classes_trains_on_the_full_resolution_logits(loss, tmp_
 
 
 def test_ce_plus_dice_trains_fused_and_optimises_the_unfused_losss_value(tmp_path, monkeypatch):
-    import fcnseg.training.trainer as trainer_module
+    import fcnseg.training.loss as training_loss_module
     from fcnseg.ops.losses import training_loss
     from fcnseg.training.loss import fcn_cross_entropy
 
@@ -377,7 +377,7 @@ def test_ce_plus_dice_trains_fused_and_optimises_the_unfused_losss_value(tmp_pat
         calls.append((kwargs.get("dice"), value.item(), expected.item()))
         return value
 
-    monkeypatch.setattr(trainer_module, "fcn_cross_entropy", recording)
+    monkeypatch.setattr(training_loss_module, "fcn_cross_entropy", recording)
     recorder = Recorder()
     losses = []
     recorder.on_step_end = lambda state, result: losses.append(result.loss)

@@ -40,7 +40,7 @@ from fcnseg.training.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from fcnseg.training.loss import fcn_cross_entropy, logits_loss, median_frequency_weights
+from fcnseg.training.loss import logits_loss, median_frequency_weights
 from fcnseg.training.optim import build_optimizer, build_scheduler
 from fcnseg.training.resume import check_resumable
 from fcnseg.training.rng import rng_state, seed_everything, set_rng_state
@@ -248,6 +248,9 @@ class Trainer:
         config, ctx = self.config, self.ctx
         self.train_net, self.train_set = self.net, self.data.train
         self.compute_loss = None
+        # read from its module when the run starts, so that tests can replace it
+        from fcnseg.training.loss import fcn_cross_entropy
+
         if config.loss == "ce+dice" and not ctx.enabled:  # fused with a first pass for Dice's sums
             self.compute_loss = functools.partial(fcn_cross_entropy, self.model, class_weights=self.class_weights,
                                                   dice=True)
