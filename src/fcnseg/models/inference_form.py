@@ -96,8 +96,9 @@ def fuse_activations(module: nn.Module) -> nn.Module:
     """Replaces, in place, each Conv2d followed in a Sequential by a ReLU or ReLU6 (BatchNorm folded
     away in between, as an Identity) with a `ConvActivation`, and the activation with an Identity.
 
-    Only in Sequentials, whose forward runs their children in order, and only activations used once
-    in ``module`` (ResNet's blocks reuse theirs after the residual sum). Returns ``module``.
+    Only in Sequentials, whose forward runs each child once in order (ResNet's blocks, which are
+    not, apply their ReLU again after the residual sum), and only activations registered once in
+    ``module``, so that no other caller of the same module loses it. Returns ``module``.
     """
     uses: dict[int, int] = {}
     for _, child in module.named_modules(remove_duplicate=False):

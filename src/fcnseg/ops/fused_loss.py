@@ -252,10 +252,11 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
         # A bias adds to the logits before the softmax: in base 2, bias * log2(e).
         bias_base2 = None if bias is None else bias.detach().float() * _LOG2_E
         fused = _FusedPass(kernel, (n, h, w), dtype, device, softmax_kernel, with_bias=bias is not None)
-        blocks = [CellBlock(columns, columns_base2, kernel, targets, weights, (y_run, x_run), stride, bias_base2)
-                  for y_run in cell_runs(h + 1, stride, height) for x_run in cell_runs(w + 1, stride, width)]
+        blocks = (CellBlock(columns, columns_base2, kernel, targets, weights, (y_run, x_run), stride, bias_base2)
+                  for y_run in cell_runs(h + 1, stride, height) for x_run in cell_runs(w + 1, stride, width))
         terms, dice_loss = None, 0.0
-        if dice:
+        if dice:  # two passes: the blocks are kept (without Dice each is made, used and freed in turn)
+            blocks = list(blocks)
             terms = DiceTerms(target, c, stride, ignore_index)
             for block in blocks:
                 fused.add_dice_sums(block, terms)
