@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from fcnseg.models.depthwise_conv import StridedDepthwiseConv2d
 from fcnseg.models.fcn import FCN
 
 # oneDNN's convolution with an elementwise post-op: the operator torch.compile's CPU backend emits for
@@ -107,7 +108,7 @@ def fuse_activations(module: nn.Module) -> nn.Module:
         names = list(sequential._modules)
         for index, name in enumerate(names):
             conv = sequential._modules[name]
-            if type(conv) is not nn.Conv2d:
+            if type(conv) not in (nn.Conv2d, StridedDepthwiseConv2d):  # no subclass that changes the computation
                 continue
             after = index + 1
             while after < len(names) and isinstance(sequential._modules[names[after]], nn.Identity):
