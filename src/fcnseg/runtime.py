@@ -139,6 +139,17 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, 2**31 - 1)))
     return _applied
 
+def free_memory_bytes() -> int | None:
+    """Free physical memory (not counting the page cache), or None where the platform does not say.
+
+    The in-memory caches (decoded images, body features) refuse to fill more than part of it.
+    """
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        return None
+
+
 def current_umask() -> int:
     """The process's file-mode creation mask (e.g. 0o022), read without changing it where possible.
 

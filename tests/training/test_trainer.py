@@ -393,3 +393,12 @@ def test_a_loss_for_thin_classes_is_refused_with_the_chapters_recipe():
 
     with pytest.raises(OptionError, match="--loss lovasz cannot be used here: the chapter's recipes"):
         resolve_config({"loss": "lovasz", "root": "x"}, recipe="d2l")
+
+
+def test_cached_images_train_the_same_weights(tiny_scenes, tmp_path):
+    for name, extra in (("read", ()), ("cached", ("--cache-images",))):
+        assert main(tiny_args(tiny_scenes, tmp_path / name, "--epochs", "1", *extra)) == 0
+    read = load_checkpoint(tmp_path / "read" / "last.pt")["state_dict"]
+    cached = load_checkpoint(tmp_path / "cached" / "last.pt")["state_dict"]
+    assert all(torch.equal(read[k], cached[k]) for k in read)
+    assert "cache_images: true" in (tmp_path / "cached" / "config.yaml").read_text()

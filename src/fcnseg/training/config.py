@@ -50,6 +50,7 @@ class TrainConfig:
     color_jitter: float = 0.0
     drop_small: bool = False  # the chapter drops images smaller than the crop; we pad them
     border_as_background: bool = False  # the chapter's reading of VOC's void border
+    cache_images: bool = False  # decode the training pairs once, keep them in memory (fcnseg.data.memory)
     workers: int = field(default_factory=lambda: default_workers())
     # model
     model: str = "fcn_resnet18"

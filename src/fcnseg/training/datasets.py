@@ -49,7 +49,7 @@ class TrainingData:
 
 def build_training_data(config: TrainConfig, *, train_dataset: Dataset | None = None,
                         val_dataset: Dataset | None = None, train_transforms: PairTransform | None = None,
-                        val_transforms: PairTransform | None = None) -> TrainingData:
+                        val_transforms: PairTransform | None = None, progress: bool = False) -> TrainingData:
     """The run's data: the user's datasets where given, else ``config.dataset`` at ``config.root``.
 
     Args:
@@ -71,6 +71,10 @@ def build_training_data(config: TrainConfig, *, train_dataset: Dataset | None = 
 
     raw_train = train_dataset if train_dataset is not None else _named_train(config)
     classes, colors = _classes_and_colors(raw_train)
+    if config.cache_images:
+        from fcnseg.data.memory import InMemoryPairs
+
+        raw_train = InMemoryPairs(raw_train, progress=progress)
     if config.holdout:
         raw_train, val_dataset = held_out_pairs(raw_train, config.holdout)
     train = SeededTransformDataset(raw_train, train_transforms or _default_train_transforms(config), config.seed)

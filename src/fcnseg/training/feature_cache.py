@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fcnseg.errors import DataError, FcnsegError
 from fcnseg.models.fcn import FCN, OUTPUT_STRIDE, pad_to_multiple
+from fcnseg.runtime import free_memory_bytes
 from fcnseg.training.cached_head import CachedFeatureHead, pack_features, packed_channels
 
 FORMAT_VERSION = 1
@@ -372,11 +373,8 @@ def _body_features(model: FCN, image: torch.Tensor, channels_last: bool) -> torc
 
 def _check_fits_in_memory(needed: int) -> None:
     """Refuses an in-memory cache of ``needed`` bytes that would crowd out the free memory (60% at most)."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not every platform reports it
-        return
-    if needed > 0.6 * available:
+    available = free_memory_bytes()
+    if available is not None and needed > 0.6 * available:
         raise FcnsegError(
             f"the feature cache needs {needed / 2**30:.1f} GiB, more than fits in the {available / 2**30:.1f} GiB of "
             "free memory: give it a directory (--feature-cache DIR), cache fewer views, or use a smaller crop"

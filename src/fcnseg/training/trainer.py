@@ -147,7 +147,7 @@ class Trainer:
                          device=self.device, cleanup=self.cleanup)
         # The order matters for exact resume: seeding, then data, then the model's random init.
         seed_everything(self.config.seed)
-        self.data: TrainingData = build_training_data(self.config, **data_sources)
+        self.data: TrainingData = build_training_data(self.config, **data_sources, progress=self.progress and self.ctx.is_main)
         self.set_up_model()
         self.set_up_optimisation()
         self.resume()
