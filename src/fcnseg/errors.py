@@ -9,13 +9,15 @@ bug and keeps its traceback. Two kinds, because they call for different fixes:
 - any other `FcnsegError`: a failure at run time (a corrupt image found while training, a diverged
   loss, a checkpoint whose content cannot be read). Exit status 1.
 
-Ctrl-C exits 130 (128 + SIGINT), as shells report it.
+Ctrl-C exits 130 (128 + SIGINT), as shells report it; a closed output pipe (``fcnseg info | head``)
+ends the command quietly with 141 (128 + SIGPIPE), as a process killed by that signal reports.
 """
 from __future__ import annotations
 
 USAGE_EXIT_STATUS = 2
 FAILURE_EXIT_STATUS = 1
 INTERRUPTED_EXIT_STATUS = 130
+BROKEN_PIPE_EXIT_STATUS = 141
 
 
 class FcnsegError(Exception):

@@ -87,3 +87,11 @@ def test_eval_amp_defaults_to_auto_as_in_train():
     args = build_parser().parse_args(["predict", "m.pt", "x.jpg", "--out", "o", "--no-progress", "--flip"])
     assert (args.amp, args.progress, args.flip, args.overwrite) == ("auto", False, True, False)
     assert build_parser().parse_args(["export", "m.pt", "--no-verify"]).verify is False
+
+
+def test_a_closed_output_pipe_ends_quietly_with_141():
+    # `fcnseg info` prints a line per model; `head -1` closes the pipe after the first.
+    script = f"set -o pipefail; OMP_NUM_THREADS=1 {sys.executable} -m fcnseg info | head -1"
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.startswith("fcnseg ") and proc.stdout.count("\n") == 1
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

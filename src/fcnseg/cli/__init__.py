@@ -2,19 +2,21 @@
 
 This package is the only code that reads argv or picks a device; nothing imports it. Exit status:
 0 on success, 2 for a usage error (what was typed is wrong), 1 for a failure at run time, 130 on
-Ctrl-C (fcnseg.errors). Errors and warnings are one line each, without tracebacks or source paths.
+Ctrl-C, 141 when the reader of the output went away (fcnseg.errors). Errors and warnings are one
+line each, without tracebacks or source paths.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 import warnings
 from typing import Iterator, TextIO
 
 from fcnseg import __version__
-from fcnseg.errors import INTERRUPTED_EXIT_STATUS, USAGE_EXIT_STATUS, FcnsegError
+from fcnseg.errors import BROKEN_PIPE_EXIT_STATUS, INTERRUPTED_EXIT_STATUS, USAGE_EXIT_STATUS, FcnsegError
 
 # Subcommand modules, in the order `fcnseg --help` lists them. Each defines
 # `add_parser(subparsers) -> None`, which sets `func=run` on its parser; heavy imports
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fcnseg` console script; returns the process exit status.
 
     An `FcnsegError` is printed as one line and exits with its `exit_status` (2 for a usage error, 1
-    for a failure at run time); Ctrl-C exits 130; any other exception is a bug and keeps its traceback.
+    for a failure at run time); Ctrl-C exits 130, a closed output pipe 141; any other exception is a
+    bug and keeps its traceback.
     """
     with one_line_warnings():
         parser = build_parser()
@@ -73,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"fcnseg {args.command}: interrupted", file=sys.stderr)
             return INTERRUPTED_EXIT_STATUS
+        except BrokenPipeError:
+            # The reader of stdout went away (`fcnseg info | head`). Stdout goes to /dev/null so that
+            # the interpreter's last flush at exit does not raise again (Python's signal docs).
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return BROKEN_PIPE_EXIT_STATUS
     return int(status or 0)
 
 
