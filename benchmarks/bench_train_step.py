@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import statistics
 import sys
 import time
@@ -123,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(options, Path(tmp) / "run", stack)
         config, data = trainer.config, trainer.data
         loader = DataLoader(data.train, batch_size=trainer.batch_size, shuffle=True, drop_last=True, num_workers=0)
-        batches = [batch for batch, _ in zip(loader, range(max(2, args.steps)))]
+        batches = list(itertools.islice(loader, max(2, args.steps)))
         print(f"{config.model} FCN-{config.variant}, loss {config.loss}, batch {tuple(batches[0][0].shape)}, "
               f"{torch.get_num_threads()} threads", flush=True)
-        step = iter(range(10**9))
+        step = itertools.count()
 
         def train_step() -> None:
             trainer.train_step([batches[next(step) % len(batches)]])
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             report("loss", "fused", "unfused", alternate({"fused": with_loss(fused), "unfused": with_loss(unfused)},
                                                         args.steps, args.rounds))
         decoded = SeededTransformDataset(InMemoryPairs(data.raw_train), data.train.transforms, config.seed)
-        index = iter(range(10**9))
+        index = itertools.count()
 
         def read(dataset: Any) -> Callable[[], None]:
             return lambda: [dataset[next(index) % len(dataset)] for _ in range(trainer.batch_size)]

@@ -139,6 +139,7 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, 2**31 - 1)))
     return _applied
 
+
 def free_memory_bytes() -> int | None:
     """Free physical memory (not counting the page cache), or None where the platform does not say.
 

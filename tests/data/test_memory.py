@@ -1,6 +1,8 @@
 """Decoded pairs kept in memory: the same pairs as the dataset, decoded once, refused when too large."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -57,3 +59,17 @@ def test_pairs_that_would_not_fit_are_refused_before_decoding(monkeypatch):
     with pytest.raises(OptionError, match=r"--cache-images: the 10 decoded training images need .* train without"):
         InMemoryPairs(pairs)
     assert pairs.reads == 1  # the first pair, for the estimate
+
+
+def test_train_refuses_cache_images_that_would_not_fit_with_exit_2(tmp_path, monkeypatch, capsys):
+    from fcnseg.cli import main
+
+    root = make_folder(tmp_path / "d", stems=("a", "b", "c", "d"), size=(40, 48))
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda: 1000)
+    status = main(["train", "--dataset", "folder", "--root", str(root), "--weights-backbone", "none", "--crop", "32x32",
+                   "--batch-size", "2", "--epochs", "1", "--workers", "0", "--no-progress", "--cache-images",
+                   "--out", str(tmp_path / "run")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^fcnseg train: error: --cache-images: the \d+ decoded training images need about .* free memory; "
+                     r"train without --cache-images", err, re.M) and "Traceback" not in err

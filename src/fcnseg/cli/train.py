@@ -77,8 +77,9 @@ def _add_data_options(data: _Group) -> None:
     data.add_argument("--color-jitter", type=non_negative_float, help=f"colour jitter strength {_default('color_jitter')}")
     add_training_flag(data, "--drop-small", help="drop images smaller than the crop, as the chapter does "
                       "(default: False, which pads them)")
-    add_training_flag(data, "--cache-images", help="decode the training images once and keep them in memory, "
-                      "for datasets whose decoding costs more than a step's share (CamVid: 254 MB; default: False)")
+    add_training_flag(data, "--cache-images", help="decode the training images once and keep them in memory "
+                      "instead of on every epoch (CamVid's train split: 254 MB; the same augmentation); refused "
+                      "if it would take more than half of the free memory (default: False)")
     data.add_argument("--workers", type=non_negative_int, help=f"DataLoader workers (default: {_DEFAULTS.workers} on "
                       "this machine: 0 with 2 cores or fewer, else half the cores, at most 4)")
 

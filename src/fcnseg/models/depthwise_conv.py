@@ -66,11 +66,13 @@ def spread_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: tor
     return F.conv2d(spread, weight.flip(2, 3), None, 1, padding, 1, input_shape[1])
 
 
-def spread_gradient_applies(conv: nn.Conv2d) -> bool:
-    """Whether ``conv`` is a strided depthwise convolution `StridedDepthwiseConv2d` can run."""
+def spread_gradient_applies(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a plain Conv2d, strided and depthwise, that `StridedDepthwiseConv2d` can run."""
+    if type(conv) is not nn.Conv2d:
+        return False
     channels = conv.in_channels
     kernel, padding = conv.kernel_size, conv.padding
-    return (type(conv) is nn.Conv2d and conv.groups == channels == conv.out_channels and max(conv.stride) > 1
+    return (conv.groups == channels == conv.out_channels and max(conv.stride) > 1
             and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and not isinstance(padding, str)
             and all(k % 2 == 1 and p == k // 2 for k, p in zip(kernel, padding)))
 
@@ -99,7 +101,7 @@ def use_spread_gradients(model: nn.Module) -> int:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and spread_gradient_applies(child):
+            if spread_gradient_applies(child):
                 setattr(parent, name, StridedDepthwiseConv2d(child))
                 replaced += 1
     return replaced
