@@ -21,7 +21,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     """CPU model, the flags that matter here, torch and Python versions, the date and the load average."""
     import torch
 
-    from fcnseg.ops.native import cpu_flags
+    from fcnseg.runtime import cpu_flags
 
     model, flags = platform.processor() or "unknown", cpu_flags()
     with contextlib.suppress(OSError):

@@ -21,7 +21,7 @@ from fcnseg.metrics import ConfusionMatrix
 from fcnseg.models import build_model, inference_form
 from fcnseg.models.checkpoint import make_checkpoint, model_from_checkpoint, save_checkpoint
 from tests.conftest import random_scores_checkpoint
-from tests.data.test_io import header_only_png
+from tests.data.helpers import header_only_png
 
 VOID = 255
 CPU = torch.device("cpu")

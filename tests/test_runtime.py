@@ -117,6 +117,27 @@ def test_native_cpu_bf16_is_a_bool():
     assert isinstance(runtime.native_cpu_bf16(), bool)
 
 
+def test_cpu_flags_are_read_on_linux():
+    flags = runtime.cpu_flags()
+    assert isinstance(flags, frozenset)
+    if sys.platform.startswith("linux") and runtime.platform.machine() == "x86_64":
+        assert {"sse2", "fpu"} <= flags  # every x86-64 CPU has them
+
+
+@pytest.mark.parametrize("machine, flags, expected", [
+    ("x86_64", {"avx2", "fma"}, True),                # AVX2 without VNNI: int8 pairs overflow 16 bits
+    ("x86_64", {"avx2", "avx512f"}, True),            # AVX-512 without VNNI as well
+    ("x86_64", {"avx512f", "avx512_vnni"}, False),
+    ("x86_64", {"avx2", "avx_vnni"}, False),
+    ("AMD64", set(), True),                           # flags unknown (not Linux): the safe choice
+    ("aarch64", set(), False),                        # ARM's dot products accumulate in 32 bits
+])
+def test_int8_needs_reduced_range_on_x86_without_vnni(monkeypatch, machine, flags, expected):
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    assert runtime.int8_needs_reduced_range() is expected
+
+
 # --- autocast_context ------------------------------------------------------------------------------
 
 

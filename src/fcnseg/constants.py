@@ -44,3 +44,6 @@ SERVE_MAX_PIXELS = 25_000_000
 """The caps of an upload to ``fcnseg serve``: 20 MiB of file, 25 megapixels (a 24-megapixel camera's
 photo passes). Lower than `MAX_IMAGE_PIXELS`: a web page's visitor waits for the answer, and one
 request must not hold the model for minutes. Raised with ``--max-upload-mb`` and ``--max-pixels``."""
+
+INT8_AGREEMENT_WARNING = 0.98
+"""`fcnseg export --int8` warns when fewer of the calibration pixels than this share get float32's class."""

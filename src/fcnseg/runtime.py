@@ -1,6 +1,7 @@
 """What depends on the machine and the process: device choice, AMP policy, allocator, atomic writes.
 
-- Devices: CUDA, then Apple MPS, then CPU; whether the CPU computes bf16 natively.
+- Devices: CUDA, then Apple MPS, then CPU; the CPU's flags, whether it computes bf16 natively and
+  whether its int8 kernels can overflow on full-range 8-bit weights.
 - AMP: which autocast dtype ``--amp auto`` means on a device.
 - Allocator: `keep_freed_memory`, a process-wide glibc setting that only entry points call.
 - Files: `atomic_write`, so a crash or kill mid-write leaves the previous file intact, and the
@@ -15,6 +16,7 @@ import ctypes.util
 import functools
 import json
 import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +37,29 @@ def native_cpu_bf16() -> bool:
     """
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(supported is not None and supported())
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def int8_needs_reduced_range() -> bool:
+    """True on x86 CPUs without VNNI (or where the flags cannot be read), where INT8 models need 7-bit weights.
+
+    Without VNNI, x86 int8 convolutions (onnxruntime's, OpenVINO's) add pairs of uint8 x int8
+    products in 16 bits, which full-range weights overflow: an INT8 export with 8-bit weights
+    predicted the float32 class on 78% of CamVid pixels on an AVX2 EPYC, 97% with 7-bit weights
+    (docs/ENGINES.md, "CPUs without VNNI"). VNNI (and AMX) accumulate in 32 bits; ARM's dot
+    products do too.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()
 
 
 def select_device(name: str | torch.device | None = "auto") -> torch.device:

@@ -14,7 +14,7 @@ from fcnseg.constants import MAX_IMAGE_PIXELS_ENV
 from fcnseg.data import VOC_COLORMAP, FolderDataset, build_dataset, default_palette, read_class_file
 from fcnseg.data.samplers import image_sizes
 from fcnseg.errors import DataError
-from tests.data.test_io import header_only_png
+from tests.data.helpers import header_only_png
 
 RNG = np.random.default_rng(0)
 

@@ -3,6 +3,7 @@ calibration mistakes are usage errors and leave no file; the CLI's --int8."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -19,7 +20,10 @@ from tests.conftest import gradient_photo, three_class_tiny_fcn
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
 
+from fcnseg.export import int8 as int8_module  # noqa: E402
 from fcnseg.export.int8 import calibration_files, export_int8  # noqa: E402
+from fcnseg.export.onnx import read_onnx_metadata  # noqa: E402
+from fcnseg.inference import onnx_engine  # noqa: E402
 from fcnseg.inference.onnx_engine import onnx_segmenter  # noqa: E402
 
 CLASSES = ["background", "thing", "stuff"]
@@ -97,6 +101,55 @@ def test_int8_export_of_an_fcn4s_agrees_with_float32(calibration, tmp_path):
     assert len(np.unique(np.stack(torch_preds[:3]))) > 1  # not a constant map
 
 
+def _weight_codes(path) -> np.ndarray:
+    """Every int8 convolution weight code stored in an ONNX file."""
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    return np.concatenate([w.ravel() for w in weights])
+
+
+def test_reduce_range_writes_7_bit_weights_and_says_so(int8_file, calibration, tmp_path):
+    path, report = int8_file
+    other = tmp_path / "other.onnx"
+    other_report = export_int8(_model(), other, calibration, calibration_images=4, exporter="legacy",
+                               classes=CLASSES, colors=COLORS, sizes=[(64, 96)], reduce_range=not report["reduce_range"])
+    files = {report["reduce_range"]: path, other_report["reduce_range"]: other}
+    seven, eight = _weight_codes(files[True]), _weight_codes(files[False])
+    # Per-channel symmetric weights: each channel's largest weight takes the range's end.
+    assert np.abs(seven.astype(int)).max() == 64  # 255 * 64 * 2 fits the 16 bits of a non-VNNI pair sum
+    assert np.abs(eight.astype(int)).max() == 127
+    for reduce_range, file in files.items():
+        note = read_onnx_metadata(file)["quantization"]
+        assert note["reduce_range"] is reduce_range and ("7-bit" in note["weights"]) is reduce_range
+
+
+@pytest.mark.parametrize("needs", [True, False])
+def test_the_default_range_is_what_this_cpu_needs(monkeypatch, calibration, tmp_path, needs):
+    monkeypatch.setattr(int8_module, "int8_needs_reduced_range", lambda: needs)
+    report = export_int8(_model(), tmp_path / "m.onnx", calibration, calibration_images=2, exporter="legacy",
+                         sizes=[(64, 96)], verify=False)
+    assert report["reduce_range"] is needs
+
+
+def test_8_bit_weights_on_a_cpu_that_overflows_them_are_a_warning(int8_file, calibration, tmp_path, monkeypatch):
+    path, report = int8_file
+    eight = path
+    if report["reduce_range"]:
+        eight = tmp_path / "eight.onnx"
+        export_int8(_model(), eight, calibration, calibration_images=2, exporter="legacy", classes=CLASSES,
+                    colors=COLORS, sizes=[(64, 96)], verify=False, reduce_range=False)
+    monkeypatch.setattr(onnx_engine, "int8_needs_reduced_range", lambda: True)
+    with pytest.warns(RuntimeWarning, match=r"eight.onnx|tiny_int8.onnx") as record:
+        onnx_segmenter(eight)
+    assert "8-bit INT8 weights" in str(record[0].message) and "fcnseg export --int8" in str(record[0].message)
+    monkeypatch.setattr(onnx_engine, "int8_needs_reduced_range", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        onnx_segmenter(eight)  # a CPU with VNNI: no warning
+
+
 def test_calibration_files_are_spread_over_the_folder(tmp_path):
     for index in range(10):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / f"{index:02d}.png")
@@ -129,12 +182,16 @@ def test_cli_int8(tmp_path, calibration, capsys):
     out = tmp_path / "tiny_int8.onnx"
     assert main(["export", str(checkpoint), "--int8", "--calibration", str(calibration), "--calibration-images", "3",
                  "--exporter", "legacy", "--sizes", "64x96"]) == 0
-    assert out.exists() and "calibrated on 3 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.exists() and "calibrated on 3 images" in printed
+    assert ("7-bit weights" in printed) is read_onnx_metadata(out)["quantization"]["reduce_range"]
+    assert main(["export", str(checkpoint), "--reduce-range", "--out", str(tmp_path / "d.onnx")]) == 2
+    assert "--reduce-range applies to an INT8 export: add --int8" in capsys.readouterr().err
     assert main(["export", str(checkpoint), "--int8", "--out", str(tmp_path / "a.onnx")]) == 2
     assert "--int8 needs --calibration DIR" in capsys.readouterr().err
     assert main(["export", str(checkpoint), "--calibration", str(calibration), "--out", str(tmp_path / "b.onnx")]) == 2
-    assert "add --int8" in capsys.readouterr().err
+    assert "--calibration applies to an INT8 export: add --int8" in capsys.readouterr().err
     assert main(["export", str(checkpoint), "--int8", "--calibration", str(tmp_path / "none"),
                  "--out", str(tmp_path / "c.onnx")]) == 2
     assert "calibration folder" in capsys.readouterr().err
-    assert not any((tmp_path / name).exists() for name in ("a.onnx", "b.onnx", "c.onnx"))
+    assert not any((tmp_path / name).exists() for name in ("a.onnx", "b.onnx", "c.onnx", "d.onnx"))

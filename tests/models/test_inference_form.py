@@ -1,6 +1,8 @@
 """The inference form (BatchNorm folded, channels-last) against the model as it was built."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -120,6 +122,25 @@ def test_a_fused_convolution_equals_the_convolution_then_its_activation(dtype):
         tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
         torch.testing.assert_close(got.float(), expected.float(), **tolerance)
         assert got.min() >= 0 and (isinstance(activation, nn.ReLU) or got.max() <= 6)
+
+
+def test_bf16_where_onednn_refuses_it_runs_the_two_modules(monkeypatch):
+    """On CPUs without oneDNN's bf16 (AVX2), its fused convolution raises; torch's conv2d does not."""
+    module = importlib.import_module("fcnseg.models.inference_form")  # the package exports a function of that name
+
+    def refusing(*args):
+        raise RuntimeError("mkldnn_convolution: bf16 path needs the cpu support avx512bw")
+
+    monkeypatch.setattr(module, "native_cpu_bf16", lambda: False)
+    monkeypatch.setattr(module, "_CONV_POINTWISE", refusing)
+    conv = nn.Conv2d(4, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    fused, x = module.ConvActivation(conv, nn.ReLU6()), torch.randn(1, 4, 9, 9).to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = fused(x), nn.functional.relu6(conv(x))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    monkeypatch.setattr(module, "native_cpu_bf16", lambda: True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="bf16 path"):
+        fused(x)  # where oneDNN has bf16, the fused operation is what runs
 
 
 def test_an_activation_used_twice_is_not_fused():

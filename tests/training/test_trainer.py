@@ -17,9 +17,10 @@ import torch
 from fcnseg.cli import main
 from fcnseg.errors import CheckpointError, FcnsegError
 from fcnseg.models.checkpoint import load_checkpoint
-from fcnseg.training import Callback, TrainConfig
+from fcnseg.training import Callback
 from fcnseg.training.config import resolve_config
 from fcnseg.training.trainer import train
+from tests.training.helpers import Recorder, Squares, user_config
 
 
 @pytest.fixture(scope="module")
@@ -194,47 +195,6 @@ def test_ddp_two_processes_train_and_agree_with_one_process_on_metrics(tiny_scen
     assert checkpoint["global_step"] == 16 // (2 * 2)
 
 
-class Squares(torch.utils.data.Dataset):
-    """A user's own in-memory dataset: raw (uint8 image, int64 target) pairs and class names, no colours."""
-
-    classes = ["background", "square"]
-
-    def __init__(self, n: int, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.pairs = []
-        for _ in range(n):
-            target = torch.zeros(48, 64, dtype=torch.int64)
-            y, x = torch.randint(0, 24, (2,), generator=generator).tolist()
-            target[y:y + 20, x:x + 30] = 1
-            image = torch.where(target.bool(), 200, 30).to(torch.uint8).expand(3, -1, -1).clone()
-            self.pairs.append((image, target))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int):
-        return self.pairs[index]
-
-
-def user_config(out: Path, **changes) -> TrainConfig:
-    # No root and no dataset name: the data comes as objects.
-    return TrainConfig(model="fcn_resnet18", variant="8s", weights_backbone=None, crop=(48, 64), scale_range=None,
-                       hflip=False, batch_size=4, epochs=2, workers=0, amp="none", channels_last=False,
-                       out=str(out), **changes)
-
-
-class Recorder(Callback):
-    def __init__(self) -> None:
-        self.steps: list[tuple[int, int, int]] = []
-        self.epochs: list[tuple[int, dict]] = []
-
-    def on_step_end(self, state, result) -> None:
-        self.steps.append((state.global_step, state.step_in_epoch, result.images))
-
-    def on_epoch_end(self, state, record) -> None:
-        self.epochs.append((state.epoch, record))
-
-
 def test_a_users_own_datasets_and_transforms_train_with_callbacks(tmp_path):
     from fcnseg.data import default_palette, eval_transforms
 
@@ -338,61 +298,6 @@ def test_progress_in_a_log_is_plain_bounded_lines(tmp_path, capfd):
     train(dataclasses.replace(user_config(quiet), batch_size=2, epochs=1), train_dataset=Squares(4, seed=0),
           val_dataset=Squares(2, seed=1), progress=False)
     assert "epoch 1/1" not in capfd.readouterr().err
-
-
-@pytest.mark.parametrize("loss", ["ohem", "ce+lovasz"])
-def test_a_loss_for_thin_classes_trains_on_the_full_resolution_logits(loss, tmp_path, monkeypatch):
-    import fcnseg.training.loss as training_loss_module
-    from fcnseg.ops.losses import training_loss
-
-    calls = []
-
-    def recording(logits, target, name, **kwargs):
-        value = training_loss(logits, target, name, **kwargs)
-        calls.append((name, tuple(logits.shape), tuple(target.shape), value.item()))
-        return value
-
-    monkeypatch.setattr(training_loss_module, "training_loss", recording)
-    recorder = Recorder()
-    losses = []
-    recorder.on_step_end = lambda state, result: losses.append(result.loss)
-    train(user_config(tmp_path / "run", loss=loss, iterations=2), train_dataset=Squares(8, seed=0),
-          val_dataset=Squares(4, seed=1), callbacks=[recorder], progress=False)
-    assert [c[0] for c in calls] == [loss, loss]  # every step, this loss
-    assert all(c[1] == (4, 2, 48, 64) and c[2] == (4, 48, 64) for c in calls)
-    assert losses == pytest.approx([c[3] for c in calls])  # the step optimised and logged that value
-
-
-def test_ce_plus_dice_trains_fused_and_optimises_the_unfused_losss_value(tmp_path, monkeypatch):
-    import fcnseg.training.loss as training_loss_module
-    from fcnseg.ops.losses import training_loss
-    from fcnseg.training.loss import fcn_cross_entropy
-
-    calls = []
-
-    def recording(model, image, target, **kwargs):
-        value = fcn_cross_entropy(model, image, target, **kwargs)
-        with torch.no_grad():  # BatchNorm in train mode: the same batch statistics as the fused forward
-            expected = training_loss(model(image), target, "ce+dice")
-        calls.append((kwargs.get("dice"), value.item(), expected.item()))
-        return value
-
-    monkeypatch.setattr(training_loss_module, "fcn_cross_entropy", recording)
-    recorder = Recorder()
-    losses = []
-    recorder.on_step_end = lambda state, result: losses.append(result.loss)
-    train(user_config(tmp_path / "run", loss="ce+dice", iterations=2), train_dataset=Squares(8, seed=0),
-          val_dataset=Squares(4, seed=1), callbacks=[recorder], progress=False)
-    assert [c[0] for c in calls] == [True, True]
-    assert [c[1] for c in calls] == pytest.approx([c[2] for c in calls], rel=1e-5)
-    assert losses == pytest.approx([c[1] for c in calls])
-
-
-def test_a_loss_for_thin_classes_is_refused_with_the_chapters_recipe():
-    from fcnseg.errors import OptionError
-
-    with pytest.raises(OptionError, match="--loss lovasz cannot be used here: the chapter's recipes"):
-        resolve_config({"loss": "lovasz", "root": "x"}, recipe="d2l")
 
 
 def test_cached_images_train_the_same_weights(tiny_scenes, tmp_path):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fcnseg.cli import options
+from fcnseg.constants import INT8_AGREEMENT_WARNING
 from fcnseg.errors import OptionError
 
 
@@ -43,6 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="with --int8: a folder of images like those the model will segment")
     p.add_argument("--calibration-images", type=options.positive_int, default=64, metavar="N",
                    help="with --int8: how many of the folder's images calibrate (spread over the folder)")
+    options.add_flag(p, "--reduce-range",
+                     help="with --int8: 7-bit weights, which x86 CPUs without VNNI need (their int8 kernels "
+                          "overflow on 8-bit weights); --no-reduce-range: 8-bit, for CPUs with VNNI or ARM "
+                          "(default: what this machine needs)")
     p.set_defaults(func=run)
 
 
@@ -58,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
                           "give --opset 18 or more, or --exporter legacy")
     if args.int8:
         return _run_int8(args, checkpoint)
-    if args.calibration is not None:
-        raise OptionError("--calibration calibrates an INT8 export: add --int8")
+    if args.calibration is not None or args.reduce_range is not None:
+        given = "--calibration" if args.calibration is not None else "--reduce-range"
+        raise OptionError(f"{given} applies to an INT8 export: add --int8")
     out = options.check_output_file(Path(args.out) if args.out else checkpoint.with_suffix(".onnx"))
     print(f"exporting {checkpoint} with the {args.exporter} exporter (opset {args.opset})...", flush=True)
     report = export_onnx(checkpoint, out, opset=args.opset, dynamic=not args.static, verify=args.verify,
@@ -83,12 +90,17 @@ def _run_int8(args: argparse.Namespace, checkpoint: Path) -> int:
           f"{args.calibration}...", flush=True)
     report = export_int8(checkpoint, out, args.calibration, calibration_images=args.calibration_images,
                          exporter=args.exporter, opset=args.opset, verify=args.verify, sizes=args.sizes,
-                         tolerance=args.tolerance, dynamic=not args.static)
+                         tolerance=args.tolerance, dynamic=not args.static, reduce_range=args.reduce_range)
     print(format_report(report["fp32"]).replace(f"wrote {report['fp32']['path']}", "float32 model", 1))
     unreadable = f" ({report['unreadable']} unreadable skipped)" if report["unreadable"] else ""
-    print(f"wrote {report['path']}: INT8 (QDQ, per-channel weights), calibrated on {report['calibration_images']} "
-          f"images{unreadable}; {report['int8_bytes'] / 1e6:.1f} MB (float32 {report['fp32_bytes'] / 1e6:.1f} MB); "
+    bits = "7-bit" if report["reduce_range"] else "8-bit"
+    print(f"wrote {report['path']}: INT8 (QDQ, per-channel {bits} weights), calibrated on "
+          f"{report['calibration_images']} images{unreadable}; {report['int8_bytes'] / 1e6:.1f} MB "
+          f"(float32 {report['fp32_bytes'] / 1e6:.1f} MB); "
           f"same class as float32 on {100 * report['agreement']:.2f}% of the calibration pixels")
+    if report["agreement"] < INT8_AGREEMENT_WARNING:
+        print(f"warning: below {100 * INT8_AGREEMENT_WARNING:.0f}%: compare both files with fcnseg eval before "
+              "shipping the INT8 one (docs/INFERENCE.md, INT8)", file=sys.stderr)
     return 0
 
 

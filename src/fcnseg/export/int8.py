@@ -2,7 +2,9 @@
 
 `export_int8` exports the float32 ONNX model (`fcnseg.export.onnx`, checked against PyTorch), lets
 onnxruntime's ``quant_pre_process`` fold and infer shapes, and ``quantize_static`` it: weights int8
-per output channel, activations uint8 with ranges (MinMax) observed on the calibration images, in
+per output channel (7-bit by default on x86 CPUs without VNNI, whose int8 kernels overflow on
+8-bit weights: `fcnseg.runtime.int8_needs_reduced_range`), activations uint8 with ranges (MinMax)
+observed on the calibration images, in
 the QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantised operator, the format
 onnxruntime's and OpenVINO's CPU kernels fuse into int8 convolutions). The calibration images are
 preprocessed as `Segmenter` preprocesses photos (read upright, RGB 0..1, normalised with the
@@ -31,7 +33,7 @@ from fcnseg.errors import DataError, FcnsegError, UsageError
 from fcnseg.export.onnx import INPUT_NAME, OUTPUT_NAME, Exporter, export_onnx, read_onnx_metadata
 from fcnseg.export.subpixel import subpixel_form
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
-from fcnseg.runtime import atomic_write
+from fcnseg.runtime import atomic_write, int8_needs_reduced_range
 
 DEFAULT_CALIBRATION_IMAGES = 64
 _AGREEMENT_IMAGES = 8  # calibration images on which the report compares INT8 with float32
@@ -90,6 +92,7 @@ def export_int8(
     exporter: Exporter = "dynamo",
     opset: int | None = None,
     verify: bool = True,
+    reduce_range: bool | None = None,
     **export_options: Any,
 ) -> dict[str, Any]:
     """Writes an INT8 ONNX model statically quantised on the images of a calibration folder.
@@ -103,13 +106,15 @@ def export_int8(
         calibration: a folder of images like those the model will segment.
         calibration_images: how many of its images calibrate (spread over the folder).
         exporter, opset, verify: as `export_onnx` for the float32 model quantised.
+        reduce_range: 7-bit weights (True) or 8-bit (False); None: 7-bit where this CPU needs it
+            (`fcnseg.runtime.int8_needs_reduced_range`), so the file suits the machine exporting it.
         **export_options: more of `export_onnx`'s options: ``classes``, ``colors``, ``mean``,
             ``std``, ``dynamic``, ``sizes``, ``tolerance``.
 
     Returns:
         A report: ``path``, ``num_classes``, ``calibration_images`` (used), ``unreadable``,
         ``fp32_bytes``, ``int8_bytes``, ``agreement`` (INT8 and float32 argmax on the same pixels
-        of up to 8 calibration images), ``fp32`` (`export_onnx`'s report).
+        of up to 8 calibration images), ``reduce_range``, ``fp32`` (`export_onnx`'s report).
 
     Raises:
         UsageError: missing or empty calibration folder, or no readable image in it.
@@ -117,6 +122,8 @@ def export_int8(
     """
     files = calibration_files(calibration, calibration_images)
     quantization = _require_quantization()
+    if reduce_range is None:
+        reduce_range = int8_needs_reduced_range()
     with tempfile.TemporaryDirectory(prefix="fcnseg-int8-") as folder:
         fp32_path, int8_path = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
         options = {"opset": opset} if opset is not None else {}
@@ -124,13 +131,13 @@ def export_int8(
         fp32_report = export_onnx(model, fp32_path, exporter=exporter, verify=verify, **options, **export_options)
         stored = read_onnx_metadata(fp32_path)
         batches = calibration_batches(files, stored["mean"], stored["std"])
-        _quantize(quantization, fp32_path, int8_path, batches, Path(folder))
+        _quantize(quantization, fp32_path, int8_path, batches, Path(folder), reduce_range)
         agreement = _agreement(fp32_path, int8_path, batches[:_AGREEMENT_IMAGES])
-        data = _with_metadata(fp32_path, int8_path, len(batches))
+        data = _with_metadata(fp32_path, int8_path, len(batches), reduce_range)
         atomic_write(path, lambda f: f.write(data))
         return {"path": str(path), "num_classes": fp32_report["num_classes"], "calibration_images": len(batches),
                 "unreadable": len(files) - len(batches), "fp32_bytes": fp32_path.stat().st_size,
-                "int8_bytes": len(data), "agreement": agreement, "fp32": fp32_report}
+                "int8_bytes": len(data), "agreement": agreement, "reduce_range": reduce_range, "fp32": fp32_report}
 
 
 def _subpixel_model(source: nn.Module | str | os.PathLike | dict, export_options: dict[str, Any]) -> nn.Module:
@@ -157,8 +164,10 @@ def _require_quantization() -> Any:
     return quantization
 
 
-def _quantize(quantization: Any, fp32: Path, int8: Path, batches: list[np.ndarray], folder: Path) -> None:
-    """quant_pre_process then quantize_static (QDQ, per-channel int8 weights, uint8 activations)."""
+def _quantize(quantization: Any, fp32: Path, int8: Path, batches: list[np.ndarray], folder: Path,
+              reduce_range: bool) -> None:
+    """quant_pre_process then quantize_static (QDQ, per-channel int8 weights, 7-bit with
+    ``reduce_range``, uint8 activations)."""
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self) -> None:
@@ -173,7 +182,7 @@ def _quantize(quantization: Any, fp32: Path, int8: Path, batches: list[np.ndarra
         quantization.quantize_static(
             str(prepared), str(int8), Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
             activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            calibrate_method=quantization.CalibrationMethod.MinMax)
+            calibrate_method=quantization.CalibrationMethod.MinMax, reduce_range=reduce_range)
     except Exception as err:  # the quantiser raises many kinds; all mean "this graph did not quantise"
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise FcnsegError(f"onnxruntime's quantize_static failed: {err.__class__.__name__}: {text}") from err
@@ -206,7 +215,7 @@ def _agreement(fp32: Path, int8: Path, batches: list[np.ndarray]) -> float:
     return same / total
 
 
-def _with_metadata(fp32: Path, int8: Path, images: int) -> bytes:
+def _with_metadata(fp32: Path, int8: Path, images: int, reduce_range: bool) -> bytes:
     """The INT8 model's bytes, with the float32 model's metadata (the quantiser drops it) and its own."""
     import onnx
 
@@ -215,7 +224,8 @@ def _with_metadata(fp32: Path, int8: Path, images: int) -> bytes:
     del model.metadata_props[:]
     for entry in source.metadata_props:
         model.metadata_props.add(key=entry.key, value=entry.value)
-    note = {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8 per tensor",
+    note = {"format": "QDQ", "weights": "int8 per channel" + (", 7-bit range" if reduce_range else ""),
+            "reduce_range": reduce_range, "activations": "uint8 per tensor",
             "calibration": f"MinMax on {images} images", "tool": "onnxruntime.quantization.quantize_static"}
     model.metadata_props.add(key="quantization", value=json.dumps(note))
     model.doc_string = source.doc_string + " (INT8, statically quantised)"

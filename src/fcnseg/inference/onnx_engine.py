@@ -26,6 +26,7 @@ from fcnseg.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, read_onnx_m
 from fcnseg.export.subpixel import subpixel_form
 from fcnseg.inference.backends import Engine, EngineRequest
 from fcnseg.inference.segmenter import Segmenter
+from fcnseg.runtime import int8_needs_reduced_range
 
 
 class OnnxModel(nn.Module):
@@ -120,6 +121,17 @@ def onnxruntime_engine(request: EngineRequest) -> Engine:
     return lambda image: run_session(session, image, device)
 
 
+def warn_if_int8_overflows(path: Path, metadata: dict[str, Any]) -> None:
+    """A one-line warning when an INT8 file's 8-bit weights meet a CPU whose int8 kernels overflow on them."""
+    quantization = metadata.get("quantization")
+    if not isinstance(quantization, dict) or quantization.get("reduce_range") or not int8_needs_reduced_range():
+        return
+    warnings.warn(f"{path} holds 8-bit INT8 weights, which the int8 kernels of this CPU (x86 without VNNI) "
+                  "overflow: expect many pixels to differ from float32; export it again on this machine "
+                  "(fcnseg export --int8 writes 7-bit weights here) or use the float32 file",
+                  RuntimeWarning, stacklevel=3)
+
+
 def onnx_segmenter(path: str | os.PathLike, device: str | torch.device | None = "cpu", **options) -> Segmenter:
     """A `Segmenter` over an exported ONNX file, with the classes, colours and statistics it stores.
 
@@ -138,10 +150,12 @@ def onnx_segmenter(path: str | os.PathLike, device: str | torch.device | None = 
     if missing:
         raise UsageError(f"{model.path} holds no fcnseg metadata ({', '.join(missing)} missing); "
                          "export it with fcnseg export")
+    warn_if_int8_overflows(model.path, metadata)
     options.setdefault("backend", "onnxruntime")
     options.setdefault("amp", "none")
     return Segmenter(model, metadata["classes"], metadata["colors"], metadata["mean"], metadata["std"], device,
                      ignore_index=int(metadata.get("ignore_index", 255)), optimize=False, **options)
 
 
-__all__ = ["OnnxModel", "model_to_onnx", "new_session", "onnx_segmenter", "onnxruntime_engine", "run_session"]
+__all__ = ["OnnxModel", "model_to_onnx", "new_session", "onnx_segmenter", "onnxruntime_engine", "run_session",
+           "warn_if_int8_overflows"]

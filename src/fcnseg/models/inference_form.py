@@ -23,6 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from fcnseg.models.depthwise_conv import StridedDepthwiseConv2d
 from fcnseg.models.fcn import FCN
+from fcnseg.runtime import native_cpu_bf16
 
 # oneDNN's convolution with an elementwise post-op: the operator torch.compile's CPU backend emits for
 # conv + ReLU; torch has no public eager form of it. None where this torch build lacks it.
@@ -48,6 +49,7 @@ class ConvActivation(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if (_CONV_POINTWISE is None or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16)
+                or (dtype == torch.bfloat16 and not native_cpu_bf16())  # oneDNN refuses bf16 there
                 or self.padding_mode != "zeros" or isinstance(self.padding, str) or torch.jit.is_tracing()
                 or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
             return self.activation(super().forward(x))

@@ -13,7 +13,6 @@ up to float rounding.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -24,6 +23,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+from fcnseg.runtime import cpu_flags
+
 SOURCE = Path(__file__).with_name("csrc") / "softmax_grad.cpp"
 # The instructions the kernel uses; "avx512_bf16" for the bf16 conversion, which only CPUs that
 # run fcnseg's bf16 path (native bf16) need anyway.
@@ -33,15 +34,6 @@ _NAME = "fcnseg_softmax_grad"
 # libgomp torch has already loaded (same soname), so there is one thread pool, torch's.
 _COMPILE_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 _LINK_FLAGS = ["-fopenmp"]
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def native_unavailable_reason() -> str | None:
@@ -95,4 +87,4 @@ def softmax_grad_kernel() -> ModuleType | None:
         return None
 
 
-__all__ = ["softmax_grad_kernel", "native_unavailable_reason", "cpu_flags", "REQUIRED_CPU_FLAGS", "SOURCE"]
+__all__ = ["softmax_grad_kernel", "native_unavailable_reason", "REQUIRED_CPU_FLAGS", "SOURCE"]
