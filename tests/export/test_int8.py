@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from fcnseg import fcn_mobilenet_v2
+from fcnseg.cli import export as export_cli
 from fcnseg.cli import main
 from fcnseg.errors import UsageError
 from fcnseg.inference.segmenter import Segmenter
@@ -175,7 +176,7 @@ def test_calibration_mistakes_are_usage_errors_and_write_nothing(tmp_path, case)
     assert not out.exists() and list(tmp_path.iterdir()) == ([folder] if case != "missing" else [])
 
 
-def test_cli_int8(tmp_path, calibration, capsys):
+def test_cli_int8(tmp_path, calibration, capsys, monkeypatch):
     torch.manual_seed(0)  # a registered model: a checkpoint records its builder
     model = fcn_mobilenet_v2(variant="8s", num_classes=3, weights_backbone=None)
     checkpoint = save_checkpoint(make_checkpoint(model, classes=CLASSES, colors=COLORS), tmp_path / "tiny.pt")
@@ -185,6 +186,10 @@ def test_cli_int8(tmp_path, calibration, capsys):
     printed = capsys.readouterr().out
     assert out.exists() and "calibrated on 3 images" in printed
     assert ("7-bit weights" in printed) is read_onnx_metadata(out)["quantization"]["reduce_range"]
+    monkeypatch.setattr(export_cli, "INT8_AGREEMENT_WARNING", 1.01)  # no file agrees on 101%: the warning shows
+    assert main(["export", str(checkpoint), "--int8", "--calibration", str(calibration), "--calibration-images", "2",
+                 "--exporter", "legacy", "--sizes", "64x96", "--no-verify", "--out", str(tmp_path / "w.onnx")]) == 0
+    assert "warning: below 101%: compare both files with fcnseg eval" in capsys.readouterr().err
     assert main(["export", str(checkpoint), "--reduce-range", "--out", str(tmp_path / "d.onnx")]) == 2
     assert "--reduce-range applies to an INT8 export: add --int8" in capsys.readouterr().err
     assert main(["export", str(checkpoint), "--int8", "--out", str(tmp_path / "a.onnx")]) == 2

@@ -100,7 +100,7 @@ def _run_int8(args: argparse.Namespace, checkpoint: Path) -> int:
           f"same class as float32 on {100 * report['agreement']:.2f}% of the calibration pixels")
     if report["agreement"] < INT8_AGREEMENT_WARNING:
         print(f"warning: below {100 * INT8_AGREEMENT_WARNING:.0f}%: compare both files with fcnseg eval before "
-              "shipping the INT8 one (docs/INFERENCE.md, INT8)", file=sys.stderr)
+              "shipping the INT8 one (docs/ENGINES.md, \"INT8 ONNX export\")", file=sys.stderr)
     return 0
 
 
