@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the 2 cores: one thread each (and in the processes they start), else each
+    # worker's torch spins two threads against the other's and the suite gets slower, not faster.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
