@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DataLoader workers decoding images end to end; a comma-separated list measures each")
     parser.add_argument("--no-overlay", dest="overlay", action="store_false",
                         help="label maps only, as fcnseg predict --no-overlay")
+    parser.add_argument("--overlay-format", default="png", choices=("png", "jpg"),
+                        help="the overlays' format, as fcnseg predict --overlay-format")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both measurements; medians")
     parser.add_argument("--json", help="also write the results here")
@@ -95,13 +97,14 @@ def model_only(segmenter: Any, batches: list[Any]) -> float:
     return time.perf_counter() - start
 
 
-def end_to_end(segmenter: Any, images: list[Path], out: Path, workers: int, overlay: bool = True) -> float:
+def end_to_end(segmenter: Any, images: list[Path], out: Path, workers: int, overlay: bool = True,
+               overlay_format: str = "png") -> float:
     """Seconds of a bulk prediction of the image files into a fresh folder."""
     from fcnseg.inference.bulk import predict_files
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    result = predict_files(segmenter, images, out, workers=workers, overlay=overlay)
+    result = predict_files(segmenter, images, out, workers=workers, overlay=overlay, overlay_format=overlay_format)
     seconds = time.perf_counter() - start
     if result.failures or result.ok != len(images):
         raise SystemExit(f"bulk prediction failed: {result.failures[:3]}")
@@ -126,22 +129,24 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for _ in range(args.rounds):
         times["model"].append(model_only(segmenter, batches))
         for w in workers:
-            times[f"workers={w}"].append(end_to_end(segmenter, images, workdir / "out", w, args.overlay))
+            seconds = end_to_end(segmenter, images, workdir / "out", w, args.overlay, args.overlay_format)
+            times[f"workers={w}"].append(seconds)
     rates = {name: len(images) / statistics.median(values) for name, values in times.items()}
     ratios = {name: rate / rates["model"] for name, rate in rates.items() if name != "model"}
     return {"images": len(images), "size": list(tensors[0].shape[-2:]), "batch_size": args.batch_size,
             "amp": args.amp, "dtype": str(segmenter.dtype), "backend": args.backend, "compile": args.compile,
-            "overlay": args.overlay,
+            "overlay": args.overlay, "overlay_format": args.overlay_format,
             "workers": workers, "threads": args.threads, "rounds": args.rounds, "warmup_s": warmup,
             "seconds": times, "images_per_s": rates, "ratios": ratios, "best_ratio": max(ratios.values())}
 
 
 def render(result: dict[str, Any]) -> str:
     rates = result["images_per_s"]
+    outputs = f"{result.get('overlay_format', 'png').upper()} overlays" if result.get("overlay", True) else "label maps only"
     lines = [
         f"{result['images']} CamVid images {result['size'][0]}x{result['size'][1]}, batch {result['batch_size']}, "
         f"amp {result['amp']} ({result['dtype']}), backend {result['backend']}{', compiled' if result['compile'] else ''}, "
-        f"{result['threads']} threads, {'overlays' if result.get('overlay', True) else 'label maps only'}; "
+        f"{result['threads']} threads, {outputs}; "
         f"medians of {result['rounds']} rounds",
         f"  model only (pre-decoded tensors):      {rates['model']:7.2f} images/s",
     ]

@@ -47,3 +47,9 @@ request must not hold the model for minutes. Raised with ``--max-upload-mb`` and
 
 INT8_AGREEMENT_WARNING = 0.98
 """`fcnseg export --int8` warns when fewer of the calibration pixels than this share get float32's class."""
+
+OVERLAY_FORMATS = ("png", "jpg")
+OVERLAY_JPEG_QUALITY = 90
+"""What `fcnseg predict --overlay-format` writes the colour overlays as: PNG (lossless, the default) or
+JPEG at this quality, which encodes a 360x480 overlay about 10 times as fast as a level-1 PNG (1.2
+against 13 ms) for a bulk run that must keep up with the model. Label maps stay PNG: they hold class ids."""

@@ -107,6 +107,23 @@ def test_output_names_never_share_a_file():
     assert names[Path("b/x.jpg")][0] == "x-2.png"
 
 
+def test_jpeg_overlays_look_like_the_png_ones_and_switching_format_redoes_the_input(checkpoint, tmp_path, capsys):
+    photo = _photo(tmp_path / "x.jpg", 48, 64)
+    png_out, jpg_out = tmp_path / "png", tmp_path / "jpg"
+    assert _predict(checkpoint, photo, "--out", png_out) == 0
+    assert _predict(checkpoint, photo, "--out", jpg_out, "--overlay-format", "jpg") == 0
+    assert sorted(p.name for p in jpg_out.iterdir()) == ["manifest.jsonl", "x.png", "x_overlay.jpg"]
+    assert _records(jpg_out)[0]["outputs"] == ["x.png", "x_overlay.jpg"]
+    with Image.open(jpg_out / "x_overlay.jpg") as jpg, Image.open(png_out / "x_overlay.png") as png:
+        assert jpg.format == "JPEG" and jpg.size == png.size == (64, 48)
+        difference = np.abs(np.asarray(jpg, dtype=np.int16) - np.asarray(png.convert("RGB"), dtype=np.int16))
+    assert difference.mean() < 12  # lossy on a noise photo, but the same picture
+    assert (jpg_out / "x.png").read_bytes() == (png_out / "x.png").read_bytes()  # label maps stay lossless PNG
+    # a PNG overlay asked for where a JPEG one was written: the input is not done, and is redone
+    assert _predict(checkpoint, photo, "--out", jpg_out) == 0
+    assert "1 ok" in capsys.readouterr().out and (jpg_out / "x_overlay.png").is_file()
+
+
 def test_manifest_skips_a_line_cut_short(tmp_path):
     (tmp_path / "manifest.jsonl").write_text('{"input": "/a.jpg", "outputs": ["a.png"], "status": "ok"}\n{"inp')
     manifest = Manifest(tmp_path)
@@ -128,6 +145,14 @@ def test_mistakes_are_refused_before_any_image(arguments, message, checkpoint, t
     assert _predict(checkpoint, photo, *arguments) == 2
     err = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_overlay_format_is_a_usage_error(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _predict(checkpoint, _photo(tmp_path / "photo.jpg"), "--out", tmp_path / "out", "--overlay-format", "gif")
+    assert stop.value.code == 2
+    assert "argument --overlay-format: invalid choice: 'gif'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

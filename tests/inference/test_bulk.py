@@ -263,6 +263,9 @@ def test_an_out_that_cannot_be_created_is_a_usage_error_before_any_work(segmente
     with pytest.raises(OptionError, match="afile is a file; give a folder"):
         predict_files(segmenter, [tmp_path / "in"], tmp_path / "afile")
     assert segmenter.passes == []
+    with pytest.raises(OptionError, match="--overlay-format must be one of png, jpg, got 'gif'"):
+        predict_files(segmenter, [tmp_path / "in"], tmp_path / "out", overlay_format="gif")
+    assert segmenter.passes == [] and not (tmp_path / "out").exists()
 
 
 def test_read_ahead_keeps_order_stops_with_its_caller_and_passes_errors_on():

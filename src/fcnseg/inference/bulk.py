@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fcnseg.constants import OVERLAY_FORMATS
 from fcnseg.errors import FcnsegError, OptionError, UsageError
 from fcnseg.inference.inputs import collect_inputs, describe, is_video, output_names
 from fcnseg.inference.manifest import NAME as MANIFEST_NAME
@@ -70,6 +71,7 @@ def predict_files(
     overwrite: bool = False,
     grid: bool = False,
     overlay: bool = True,
+    overlay_format: str = "png",
     masks: str | os.PathLike | None = None,
     alpha: float = 0.5,
     frame_masks: bool = False,
@@ -94,6 +96,8 @@ def predict_files(
             it such a file is refused with `OptionError`, and finished inputs are skipped).
         grid: also write image | prediction | ground truth figures.
         overlay: write the colour overlays (False: label maps only, the cheapest run).
+        overlay_format: "png" (lossless) or "jpg" (``<name>_overlay.jpg``: several times as fast to
+            write, for bulk runs that must keep up with the model).
         masks: ground truth for the grids (implies ``grid``): a folder of masks named like the
             images, or one mask file.
         alpha: weight of the class colours in the overlays, 0 to 1.
@@ -110,11 +114,14 @@ def predict_files(
     """
     if not 0.0 <= alpha <= 1.0:
         raise OptionError(f"--alpha must be between 0 and 1, got {alpha}")
+    if overlay_format not in OVERLAY_FORMATS:
+        raise OptionError(f"--overlay-format must be one of {', '.join(OVERLAY_FORMATS)}, got {overlay_format!r}")
     rank, world_size = distributed_place()
     mask_source = _mask_source(segmenter, masks)
-    options = BulkOptions(grid or mask_source is not None, mask_source, overlay, alpha, frame_masks, workers)
+    options = BulkOptions(grid or mask_source is not None, mask_source, overlay, alpha, frame_masks, workers,
+                          overlay_format)
     plan = plan_run(inputs, Path(out), grid=options.grid, overlay=overlay, overwrite=overwrite, rank=rank,
-                    world_size=world_size)
+                    world_size=world_size, overlay_format=overlay_format)
     if mask_source is not None and mask_source.path.is_file() and len(plan.files) > 1:
         raise OptionError(f"--masks {mask_source.path} is one file but there are {len(plan.files)} inputs; "
                           "give a folder of masks")
@@ -160,7 +167,7 @@ def _mask_source(segmenter: Predictor, masks: str | os.PathLike | None) -> MaskS
 
 
 def plan_run(inputs: Iterable[str | os.PathLike], out: Path, *, grid: bool, overwrite: bool, rank: int = 0,
-             world_size: int = 1, overlay: bool = True) -> Plan:
+             world_size: int = 1, overlay: bool = True, overlay_format: str = "png") -> Plan:
     """The run's inputs, outputs and work still to do, after the checks that need no model.
 
     Raises:
@@ -170,7 +177,7 @@ def plan_run(inputs: Iterable[str | os.PathLike], out: Path, *, grid: bool, over
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file; give a folder (a new or an existing one)")
     files, missing = collect_inputs(inputs)
-    names = output_names(files, grid, overlay)
+    names = output_names(files, grid, overlay, overlay_format)
     plan = Plan(out, files, missing, names, Manifest(out, rank=rank, world_size=world_size))
     _refuse_overwriting_inputs(plan)
     plan.todo = [f for f in files if overwrite or not _done(plan, f)]

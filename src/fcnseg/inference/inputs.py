@@ -14,7 +14,7 @@ from typing import Iterable
 from fcnseg.constants import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from fcnseg.data.io import folder_entries
 
-OUTPUT_SUFFIXES = ("", "_overlay", "_grid")  # <name>.png, <name>_overlay.png, <name>_grid.png
+OUTPUT_SUFFIXES = ("", "_overlay", "_grid")  # <name>.png, <name>_overlay.png (or .jpg), <name>_grid.png
 
 
 def is_video(path: str | os.PathLike) -> bool:
@@ -63,14 +63,16 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
     return list(unique.values()), failures
 
 
-def output_files(name: str, grid: bool, overlay: bool = True) -> list[str]:
-    """The files written for an image whose output name is ``name``: label map, overlay, grid (each of
-    the last two only when asked for)."""
+def output_files(name: str, grid: bool, overlay: bool = True, overlay_format: str = "png") -> list[str]:
+    """The files written for an image whose output name is ``name``: label map, overlay (a PNG, or a JPEG
+    with ``overlay_format="jpg"``), grid (each of the last two only when asked for)."""
     wanted = (True, overlay, grid)
-    return [f"{name}{suffix}.png" for suffix, want in zip(OUTPUT_SUFFIXES, wanted) if want]
+    extensions = ("png", overlay_format, "png")
+    return [f"{name}{suffix}.{ext}" for suffix, want, ext in zip(OUTPUT_SUFFIXES, wanted, extensions) if want]
 
 
-def output_names(files: list[Path], grid: bool = False, overlay: bool = True) -> dict[Path, list[str]]:
+def output_names(files: list[Path], grid: bool = False, overlay: bool = True,
+                 overlay_format: str = "png") -> dict[Path, list[str]]:
     """The output files of each input (`output_files`), none shared by two inputs.
 
     An input keeps its stem unless one of its files would be another input's (a/x.jpg and b/x.jpg;
@@ -82,11 +84,11 @@ def output_names(files: list[Path], grid: bool = False, overlay: bool = True) ->
     names: dict[Path, list[str]] = {}
     for f in files:
         name, k = f.stem, 1
-        while any(candidate.casefold() in taken for candidate in output_files(name, grid=True)):
+        while any(candidate.casefold() in taken for candidate in output_files(name, True, True, overlay_format)):
             k += 1
             name = f"{f.stem}-{k}"
-        taken.update(candidate.casefold() for candidate in output_files(name, grid=True))
-        names[f] = [name] if is_video(f) else output_files(name, grid, overlay)
+        taken.update(candidate.casefold() for candidate in output_files(name, True, True, overlay_format))
+        names[f] = [name] if is_video(f) else output_files(name, grid, overlay, overlay_format)
     return names
 
 
