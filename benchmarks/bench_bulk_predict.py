@@ -39,6 +39,8 @@ TARGET = 0.85
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fcnseg.constants import OVERLAY_FORMATS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a checkpoint or model folder (default: MobileNetV2 FCN-8s, ImageNet body)")
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DataLoader workers decoding images end to end; a comma-separated list measures each")
     parser.add_argument("--no-overlay", dest="overlay", action="store_false",
                         help="label maps only, as fcnseg predict --no-overlay")
-    parser.add_argument("--overlay-format", default="png", choices=("png", "jpg"),
+    parser.add_argument("--overlay-format", default="png", choices=OVERLAY_FORMATS,
                         help="the overlays' format, as fcnseg predict --overlay-format")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both measurements; medians")

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers share the 2 cores: one thread each (and in the processes they start), else each
-    # worker's torch spins two threads against the other's and the suite gets slower, not faster.
+    # The workers share the cores, one worker per CPU: one thread each (and in the processes they start),
+    # else each worker's torch spins threads against the others' and the suite gets slower, not faster.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np

@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=options.non_negative_int, default=0, metavar="N",
                    help="DataLoader worker processes decoding the images (0: a thread of this process reads ahead)")
     options.add_flag(p, "--grid", default=False, help="also write <stem>_grid.png: image | prediction | ground truth")
-    options.add_flag(p, "--overlay", default=True, help="write <stem>_overlay.png (--no-overlay: the label maps only, "
+    options.add_flag(p, "--overlay", default=True, help="write <stem>_overlay.png, or .jpg with --overlay-format jpg (--no-overlay: the label maps only, "
                      "the fastest bulk run)")
     p.add_argument("--overlay-format", choices=OVERLAY_FORMATS, default="png",
                    help="png (lossless) or jpg: <stem>_overlay.jpg, about 10 times as fast to encode, for bulk runs")
