@@ -7,7 +7,7 @@
 Two measurements of one configuration (model, batch size, precision, engine), in one process and
 interleaved round by round, so that a slow spell of a shared machine lands on both alike:
 
-- model only: `Segmenter.logits` and the argmax on the images already decoded and normalised, in
+- model only: `Segmenter.logits` and the class map (`fcnseg.ops.class_map`) on the images already decoded and normalised, in
   batches of ``--batch-size`` (the CamVid images all share one size): the ceiling;
 - end to end: `fcnseg.inference.bulk.predict_files` (what ``fcnseg predict`` runs) over the same
   image files: decoding in ``--workers`` DataLoader processes, batching, the forward passes, the
@@ -39,7 +39,7 @@ TARGET = 0.85
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fcnseg.constants import OVERLAY_FORMATS
+    from fcnseg.constants import DEFAULT_BACKEND, OVERLAY_FORMATS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=200, help="CamVid images (val first, then train)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--amp", default="auto", help="auto, bf16, fp16 or none (as fcnseg predict --amp)")
-    parser.add_argument("--backend", default="torch", help="the Segmenter's engine (as fcnseg predict --backend)")
+    parser.add_argument("--backend", default=DEFAULT_BACKEND,
+                        help="the Segmenter's engine (as fcnseg predict --backend; default: auto)")
     parser.add_argument("--compile", action="store_true", help="compile the model (as fcnseg predict --compile)")
     parser.add_argument("--workers", default="0,1,2",
                         help="DataLoader workers decoding images end to end; a comma-separated list measures each")
@@ -92,10 +93,12 @@ def build_segmenter(args: argparse.Namespace, workdir: Path) -> Any:
 
 
 def model_only(segmenter: Any, batches: list[Any]) -> float:
-    """Seconds of the forward passes and argmax over pre-decoded, normalised batches."""
+    """Seconds of the forward passes and class maps over pre-decoded, normalised batches."""
+    from fcnseg.ops.argmax import class_map
+
     start = time.perf_counter()
     for batch in batches:
-        segmenter.logits(batch).argmax(1).cpu()
+        class_map(segmenter.logits(batch)).cpu()
     return time.perf_counter() - start
 
 

@@ -48,6 +48,11 @@ request must not hold the model for minutes. Raised with ``--max-upload-mb`` and
 INT8_AGREEMENT_WARNING = 0.98
 """`fcnseg export --int8` warns when fewer of the calibration pixels than this share get float32's class."""
 
+DEFAULT_BACKEND = "auto"
+"""The engine `Segmenter` and ``fcnseg predict``/``serve`` run the model with unless told: "auto", the
+fastest installed engine for the precision on the CPU (OpenVINO where ``fcnseg[openvino]`` is
+installed, else torch), torch on GPUs and with ``compile=True``. Measured in docs/ENGINES.md."""
+
 OVERLAY_FORMATS = ("png", "jpg")
 OVERLAY_JPEG_QUALITY = 90
 """What `fcnseg predict --overlay-format` writes the colour overlays as: PNG (lossless, the default) or

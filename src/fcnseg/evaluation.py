@@ -18,6 +18,7 @@ from fcnseg.errors import UsageError
 from fcnseg.metrics import ConfusionMatrix, SegmentationMetrics
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.models.inference_form import inference_form
+from fcnseg.ops.argmax import class_map
 from fcnseg.runtime import autocast_context, resolve_amp_dtype
 
 
@@ -54,7 +55,7 @@ def evaluate(
         with autocast_context(device, amp_dtype):
             logits = predict(model, image) if predict is not None else model(image)
         logits = logits.float()
-        matrix.update(logits.argmax(1), target)
+        matrix.update(class_map(logits), target)
         labelled = (target != IGNORE_INDEX).sum()
         if labelled > 0:
             loss_sum += F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -90,7 +90,7 @@ def read_image(path) -> torch.Tensor:
 def segmenter(model, **kwargs) -> fcnseg.Segmenter:
     classes = [f"class {i}" for i in range(NUM_CLASSES)]
     colors = [(i, i, i) for i in range(NUM_CLASSES)]
-    return fcnseg.Segmenter(model, classes, colors, device="cpu", amp="none", **kwargs)
+    return fcnseg.Segmenter(model, classes, colors, device="cpu", amp="none", backend="torch", **kwargs)
 
 
 def fcnseg_whole(model, img: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ def segmenters(model):
             engine = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend=name).engine
         except OptionError:  # not installed: the tests of that engine skip
             continue
-        built[name] = {mode: Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", mode=mode,
+        built[name] = {mode: Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", mode=mode, backend="torch",
                                        window=(48, 64), stride=(32, 40)) for mode in ("whole", "sliding")}
         for segmenter in built[name].values():
             segmenter.engine, segmenter.backend = engine, name
@@ -68,7 +68,7 @@ def test_engine_matches_torch(segmenters, name, mode):
 def test_engine_is_built_by_segmenter_and_predicts(model, name):
     _require(name)
     segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend=name, flip=True)
-    reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", flip=True)
+    reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", flip=True, backend="torch")
     photo = gradient_photo(50, 70, seed=4)
     assert segmenter.backend == name and segmenter.engine is not segmenter.model
     assert np.mean(segmenter.predict(photo) == reference.predict(photo)) >= 0.999
@@ -167,11 +167,17 @@ def test_auto_takes_the_first_installed_engine_of_its_order(monkeypatch):
 
 def test_auto_builds_its_choice_and_predicts_as_torch(model):
     choice = auto_choice(torch.device("cpu"), None)
-    segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="auto")
-    reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")
-    assert (segmenter.engine is segmenter.model) == (choice == "torch")
+    segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")  # "auto" is the default
+    reference = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="torch")
+    assert segmenter.backend == "auto" and (segmenter.engine is segmenter.model) == (choice == "torch")
     photo = gradient_photo(45, 61, seed=5)
     assert np.mean(segmenter.predict(photo) == reference.predict(photo)) >= 0.999
+
+
+def test_auto_compiles_with_torch(model, monkeypatch):
+    monkeypatch.setattr(backends, "auto_choice", lambda device, dtype: pytest.fail("compile=True must not ask"))
+    segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", compile=True)
+    assert isinstance(segmenter.engine, backends.FrozenCompiled)
 
 
 def test_auto_falls_back_to_torch_when_the_engine_cannot_take_the_model(model, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fcnseg.cli import options
-from fcnseg.constants import OVERLAY_FORMATS
+from fcnseg.constants import DEFAULT_BACKEND, OVERLAY_FORMATS
 from fcnseg.errors import OptionError
 
 if TYPE_CHECKING:
@@ -55,7 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    "the images, or one mask file for a single input")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay, 0 to 1")
     options.add_flag(p, "--frame-masks", default=False, help="videos: also write the label map of every frame")
-    p.add_argument("--backend", choices=backend_names(), default="torch", help="the engine running the model")
+    p.add_argument("--backend", choices=backend_names(), default=DEFAULT_BACKEND,
+                   help="the engine running the model; auto (the default): OpenVINO where installed "
+                        "(pip install 'fcnseg[openvino]'), else torch")
     options.add_flag(p, "--compile", default=False,
                      help="compile the model (torch.compile for the torch backend): slower start, faster after")
     p.add_argument("--calibration", metavar="DIR",

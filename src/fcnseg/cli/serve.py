@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from fcnseg.cli import options
+from fcnseg.constants import DEFAULT_BACKEND
 from fcnseg.errors import OptionError
 
 
@@ -38,7 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     options.add_window_options(p)
     p.add_argument("--batch-size", type=options.positive_int, default=8, metavar="N",
                    help="windows per forward pass in sliding mode")
-    p.add_argument("--backend", choices=backend_names(), default="torch", help="the engine running the model")
+    p.add_argument("--backend", choices=backend_names(), default=DEFAULT_BACKEND,
+                   help="the engine running the model; auto (the default): OpenVINO where installed "
+                        "(pip install 'fcnseg[openvino]'), else torch")
     options.add_device_option(p)
     options.add_amp_option(p)
     p.set_defaults(func=run)

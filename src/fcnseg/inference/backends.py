@@ -115,8 +115,9 @@ def auto_choice(device: torch.device, dtype: torch.dtype | None) -> str:
 
 def auto_engine(request: EngineRequest) -> Engine:
     """The "auto" engine: `auto_choice`'s engine, or "torch" (after a one-line warning) when that
-    engine cannot take the model (a model the ONNX exporter cannot export)."""
-    name = auto_choice(request.device, request.dtype)
+    engine cannot take the model (a model the ONNX exporter cannot export). With ``compile``
+    "torch": compiling asks for ``torch.compile``, which only the torch engine does."""
+    name = "torch" if request.compile else auto_choice(request.device, request.dtype)
     if name == "torch":
         return torch_engine(request)
     try:

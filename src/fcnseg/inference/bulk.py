@@ -28,6 +28,7 @@ from fcnseg.inference.manifest import NAME as MANIFEST_NAME
 from fcnseg.inference.manifest import Manifest, make_record
 from fcnseg.inference.reading import ImageFiles, ImageItem, MaskSource, group_by_size, image_loader
 from fcnseg.inference.writing import BackgroundWriter, BulkOptions, Predictor, predict_video_file, write_outputs
+from fcnseg.ops.argmax import class_map
 
 
 @dataclass
@@ -312,7 +313,7 @@ def predictions(segmenter: Predictor, paths: Sequence[Path], options: BulkOption
         for item in group:
             item.input = None  # the writer keeps the photo for the overlay, not the model's input
         with torch.inference_mode():
-            preds = segmenter.logits(batch).argmax(1).cpu().numpy()
+            preds = class_map(segmenter.logits(batch)).cpu().numpy()
         yield from zip(group, preds)
 
 

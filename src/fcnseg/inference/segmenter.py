@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcnseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from fcnseg.constants import DEFAULT_BACKEND, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.data.io import ImageLike, image_to_tensor
 from fcnseg.errors import OptionError
 from fcnseg.inference.backends import EngineRequest, make_engine
@@ -24,6 +24,7 @@ from fcnseg.inference.windows import DEFAULT_WINDOW, MODES, Mode, Size, check_wi
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.models.inference_form import inference_form
 from fcnseg.models.model_folder import resolve_model_folder
+from fcnseg.ops.argmax import class_map
 from fcnseg.runtime import resolve_amp_dtype, select_device
 
 
@@ -54,8 +55,9 @@ class Segmenter:
             into the convolutions, channels-last memory: the same logits up to float rounding,
             faster); a copy, so ``model`` itself is left as it is. False, or a model that is not an
             fcnseg FCN, predicts with ``model`` as given.
-        backend: the engine that runs the forward pass (`fcnseg.inference.backends`): "torch"
-            (the default) or an installed optional engine.
+        backend: the engine that runs the forward pass (`fcnseg.inference.backends`): "auto"
+            (the default: the fastest installed engine for the precision, `DEFAULT_BACKEND`),
+            "torch", or an installed optional engine.
         compile: compile the engine's graph (`torch.compile` for "torch"): slower first calls,
             faster later ones.
         calibration: images (as `predict` takes them) that calibrate a quantising engine
@@ -85,7 +87,7 @@ class Segmenter:
         dtype: torch.dtype | None | EllipsisType = ...,
         ignore_index: int = IGNORE_INDEX,
         optimize: bool = True,
-        backend: str = "torch",
+        backend: str = DEFAULT_BACKEND,
         compile: bool = False,
         calibration: Sequence[ImageLike] = (),
     ) -> None:
@@ -224,8 +226,8 @@ class Segmenter:
         """
         with self.engine_threads():
             if isinstance(image, list):
-                return [logits.argmax(0).cpu().numpy() for logits in self._logits_each(image)]
-            return self._logits_each([image])[0].argmax(0).cpu().numpy()
+                return [class_map(logits, 0).cpu().numpy() for logits in self._logits_each(image)]
+            return class_map(self._logits_each([image])[0], 0).cpu().numpy()
 
     @overload
     def predict_proba(self, image: ImageLike) -> np.ndarray: ...

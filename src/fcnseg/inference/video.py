@@ -32,6 +32,7 @@ import torch
 from fcnseg.data.io import image_to_tensor
 from fcnseg.errors import FcnsegError, OptionError, UsageError
 from fcnseg.inference.segmenter import Segmenter
+from fcnseg.ops.argmax import class_map
 from fcnseg.visualize import overlay, palette_image
 
 OVERLAY_SUFFIX = "_overlay.mp4"
@@ -184,7 +185,7 @@ def _predict(segmenter: Segmenter, frames: list[np.ndarray]) -> list[np.ndarray]
     protocol also has (``device``, ``mean``, ``std``)."""
     image = torch.stack([(image_to_tensor(frame).to(segmenter.device) - segmenter.mean) / segmenter.std
                          for frame in frames])
-    return list(segmenter.logits(image).argmax(1).cpu().numpy())
+    return list(class_map(segmenter.logits(image)).cpu().numpy())
 
 
 class _Writer:

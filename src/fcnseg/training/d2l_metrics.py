@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from fcnseg.constants import IGNORE_INDEX
 from fcnseg.errors import OptionError
 from fcnseg.models.fcn import OUTPUT_STRIDE, pad_to_multiple
+from fcnseg.ops.argmax import class_map
 from fcnseg.ops.fused_loss import upsample_cross_entropy
 from fcnseg.ops.loss import segmentation_loss
 from fcnseg.runtime import autocast_context
@@ -99,7 +100,7 @@ class PixelTally:
     def add(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Counts ``argmax(logits) == target`` over the labelled pixels of ``target``."""
         labelled = target != IGNORE_INDEX
-        self.correct += ((logits.argmax(1) == target) & labelled).sum()
+        self.correct += ((class_map(logits) == target) & labelled).sum()
         self.pixels += labelled.sum()
 
     def value(self, ctx: DistributedContext) -> float:
