@@ -6,10 +6,10 @@
 
 What it measures, per configuration (torch fp32 / bf16 / compiled, onnxruntime fp32 / INT8,
 OpenVINO f32 / bf16 / INT8, and "default": what `Segmenter` runs when given neither engine nor
-precision): images per second of `Segmenter.logits` and the class map (what ``predict`` computes)
-on one CamVid val image (360x480, batch 1, whole mode: the engine's forward pass as the Segmenter
-calls it, autocast included), its ratio to torch fp32 measured in the same run, the first call's seconds (export,
-compilation), and on ``--images`` CamVid val images the share of pixels with the same class as
+precision): images per second of `Segmenter.logits` on one CamVid val image (360x480, batch 1,
+whole mode: the engine's forward pass as the Segmenter calls it, autocast included; the class map
+after it, `fcnseg.ops.class_map`, costs every engine alike), its ratio to torch fp32 measured in
+the same run, the first call's seconds (export, compilation), and on ``--images`` CamVid val images the share of pixels with the same class as
 torch fp32 and the mIoU against the ground truth. INT8 is the file ``fcnseg export --int8`` writes
 (QDQ, calibrated on ``--calibration-images`` CamVid train images), run by onnxruntime and by
 OpenVINO; torch-int8 is PyTorch's own (PT2E, `fcnseg.inference.pt2e_engine`) calibrated on the same images. Without ``--checkpoint`` the model is the recommended CamVid model's architecture
@@ -152,7 +152,6 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from fcnseg.inference.segmenter import Segmenter
-    from fcnseg.ops.argmax import class_map
     from fcnseg.runtime import keep_freed_memory
 
     torch.set_num_threads(args.threads)
@@ -178,14 +177,14 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     images = json.loads((workdir / "images.json").read_text())
     x = segmenter.preprocess(images[0])[None]
     started = time.perf_counter()
-    class_map(segmenter.logits(x))
+    segmenter.logits(x)
     first_s = time.perf_counter() - started
     for _ in range(args.warmup):
-        class_map(segmenter.logits(x))
+        segmenter.logits(x)
     times = []
     for _ in range(args.repeats):
         started = time.perf_counter()
-        class_map(segmenter.logits(x))
+        segmenter.logits(x)
         times.append(time.perf_counter() - started)
     preds = np.stack([p.astype(np.uint8) for p in segmenter.predict(images)])
     np.save(workdir / f"pred-{args.case}.npy", preds)
