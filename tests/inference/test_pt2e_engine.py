@@ -27,7 +27,7 @@ def model():
 def test_int8_logits_follow_float32_and_each_shape_gets_its_model(model):
     calibration = [gradient_photo(64, 96, seed) for seed in range(8)]
     int8 = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="torch-int8", calibration=calibration)
-    fp32 = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none")
+    fp32 = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="torch")
     for size, seed in (((64, 96), 20), ((67, 93), 21)):  # the calibration size and another one
         image = fp32.preprocess(gradient_photo(*size, seed=seed)).unsqueeze(0)
         want, got = fp32.logits(image), int8.logits(image)
@@ -38,6 +38,20 @@ def test_int8_logits_follow_float32_and_each_shape_gets_its_model(model):
         assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.9
         assert not torch.equal(got, want)  # it is not the float32 model running
     assert sorted(int8.engine.built) == [(1, 3, 64, 96), (1, 3, 67, 93)]
+
+
+def test_every_convolution_is_quantised_those_fused_with_their_activation_too(model):
+    """The inference form fuses each Conv2d + ReLU into one `ConvActivation`, which the quantizer
+    does not recognise; the engine quantises the unfused layers, so every convolution reads int8."""
+    calibration = [gradient_photo(64, 96, seed) for seed in range(2)]
+    int8 = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", backend="torch-int8", calibration=calibration)
+    assert any(type(m).__name__ == "ConvActivation" for m in int8.model.modules())  # the form the engine got
+    int8.logits(int8.preprocess(calibration[0]).unsqueeze(0))
+    graph = int8.engine.built[(1, 3, 64, 96)].compiled._orig_mod.graph  # the converted model, before inductor
+    convs = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 0
+    for conv in convs:
+        assert "dequantize" in str(conv.args[0].target), f"{conv.name} reads float32 {conv.args[0].target}"
 
 
 def test_no_calibration_images_is_refused(model):

@@ -150,3 +150,20 @@ def test_an_activation_used_twice_is_not_fused():
 
     fuse_activations(model)
     assert [type(m) for m in model] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU, ConvActivation, nn.Identity]
+
+
+def test_unfused_activations_are_plain_convolutions_then_activations_with_the_same_logits():
+    import copy
+
+    from fcnseg.models.inference_form import ConvActivation, unfuse_activations
+
+    model = with_running_statistics(build_model("fcn_mobilenet_v2", variant="8s", num_classes=3, weights_backbone=None))
+    fast = inference_form(model)
+    plain = unfuse_activations(copy.deepcopy(fast))
+    assert not any(isinstance(m, ConvActivation) for m in plain.modules())
+    pairs = [m for m in plain.modules() if isinstance(m, nn.Sequential) and len(m) == 2
+             and type(m[0]) is nn.Conv2d and type(m[1]) in (nn.ReLU, nn.ReLU6)]
+    assert len(pairs) == 35  # each fused layer of the test above, as the two modules a quantizer matches
+    image = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(image), fast(image), rtol=1e-5, atol=1e-5)

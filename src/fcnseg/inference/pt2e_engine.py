@@ -10,6 +10,7 @@ model (docs/ENGINES.md): 1.6x torch fp32 and 1.2x torch bf16 at batch 1 on 2 cor
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from fcnseg.errors import FcnsegError, OptionError
 from fcnseg.inference.backends import EngineRequest, FrozenCompiled
 from fcnseg.inference.onnx_engine import warn_float32
+from fcnseg.models.inference_form import unfuse_activations
 
 
 def quantizer_modules() -> tuple[Any, Any]:
@@ -34,7 +36,7 @@ class Pt2eInt8(nn.Module):
 
     def __init__(self, model: nn.Module, calibration: list[torch.Tensor]) -> None:
         super().__init__()
-        self.model = model
+        self.model = unfuse_activations(copy.deepcopy(model))  # the quantizer matches Conv2d + ReLU by type
         self.calibration = calibration
         self.built: dict[tuple[int, ...], nn.Module] = {}
 
