@@ -57,6 +57,15 @@ def test_info_lists_models_and_says_whether_the_softmax_kernel_is_used(capsys, m
     out = capsys.readouterr().out
     assert "not used (disabled by FCNSEG_NATIVE=0)" in out
     assert "fcn_resnet18" in out and "(1, 21, 64, 64)" in out
+    import torch
+
+    from fcnseg.inference.backends import auto_choice
+    from fcnseg.runtime import resolve_amp_dtype, select_device
+
+    device = select_device("auto")
+    engine = auto_choice(device, resolve_amp_dtype("auto", device))
+    assert f"prediction by default (backend auto, amp auto): {engine} on {device}" in out
+    assert engine in ("openvino", "torch") and isinstance(device, torch.device)
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])

@@ -24,9 +24,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fcnseg import __version__
+    from fcnseg.constants import DEFAULT_BACKEND
+    from fcnseg.inference.backends import auto_choice
     from fcnseg.models import VARIANTS, build_model, list_models
     from fcnseg.ops.native import native_unavailable_reason
-    from fcnseg.runtime import native_cpu_bf16
+    from fcnseg.runtime import native_cpu_bf16, resolve_amp_dtype, select_device
 
     h, w = args.size
     print(f"fcnseg {__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     reason = native_unavailable_reason()
     print(f"native bf16 on this CPU: {'yes' if native_cpu_bf16() else 'no'}; fused loss's compiled softmax kernel: "
           + ("used (built once on first use)" if reason is None else f"not used ({reason})"))
+    device = select_device("auto")
+    dtype = resolve_amp_dtype("auto", device)
+    print(f"prediction by default (backend {DEFAULT_BACKEND}, amp auto): {auto_choice(device, dtype)} on {device}, "
+          f"{str(dtype or torch.float32).removeprefix('torch.')}")
     image = torch.randn(1, 3, h, w)
     for name in list_models():
         for variant in VARIANTS:
