@@ -200,3 +200,16 @@ def test_cli_int8(tmp_path, calibration, capsys, monkeypatch):
                  "--out", str(tmp_path / "c.onnx")]) == 2
     assert "calibration folder" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("a.onnx", "b.onnx", "c.onnx", "d.onnx"))
+
+
+def test_int8_output_is_dequantised_after_the_last_upsampler(int8_file):
+    """The final DepthToSpace and crops move uint8 (fcnseg.export.qdq_tail): the graph ends in the
+    one DequantizeLinear that makes the logits, fed by a chain of data movement from quantised data."""
+    model = onnx.load(str(int8_file[0]))
+    producer = {name: node for node in model.graph.node for name in node.output}
+    assert producer["logits"].op_type == "DequantizeLinear"
+    node, moves = producer[producer["logits"].input[0]], []
+    while node.op_type in {"Slice", "DepthToSpace", "Reshape", "Transpose"}:
+        moves.append(node.op_type)
+        node = producer[node.input[0]]
+    assert "DepthToSpace" in moves and node.op_type == "QuantizeLinear"

@@ -6,7 +6,8 @@ per output channel (7-bit by default on x86 CPUs without VNNI, whose int8 kernel
 8-bit weights: `fcnseg.runtime.int8_needs_reduced_range`), activations uint8 with ranges (MinMax)
 observed on the calibration images, in
 the QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantised operator, the format
-onnxruntime's and OpenVINO's CPU kernels fuse into int8 convolutions). The calibration images are
+onnxruntime's and OpenVINO's CPU kernels fuse into int8 convolutions), the output dequantised after
+the last upsampler's data movement (`fcnseg.export.qdq_tail`). The calibration images are
 preprocessed as `Segmenter` preprocesses photos (read upright, RGB 0..1, normalised with the
 model's mean and std, at their own size), so the observed ranges are those prediction meets.
 
@@ -31,6 +32,7 @@ from fcnseg.constants import IMAGE_EXTENSIONS
 from fcnseg.data.io import image_to_tensor, list_images
 from fcnseg.errors import DataError, FcnsegError, UsageError
 from fcnseg.export.onnx import INPUT_NAME, OUTPUT_NAME, Exporter, export_onnx, read_onnx_metadata
+from fcnseg.export.qdq_tail import dequantize_outputs_last
 from fcnseg.export.subpixel import subpixel_form
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.runtime import atomic_write, int8_needs_reduced_range
@@ -132,6 +134,7 @@ def export_int8(
         stored = read_onnx_metadata(fp32_path)
         batches = calibration_batches(files, stored["mean"], stored["std"])
         _quantize(quantization, fp32_path, int8_path, batches, Path(folder), reduce_range)
+        _dequantize_last(int8_path)
         agreement = _agreement(fp32_path, int8_path, batches[:_AGREEMENT_IMAGES])
         data = _with_metadata(fp32_path, int8_path, len(batches), reduce_range)
         atomic_write(path, lambda f: f.write(data))
@@ -186,6 +189,16 @@ def _quantize(quantization: Any, fp32: Path, int8: Path, batches: list[np.ndarra
     except Exception as err:  # the quantiser raises many kinds; all mean "this graph did not quantise"
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise FcnsegError(f"onnxruntime's quantize_static failed: {err.__class__.__name__}: {text}") from err
+
+
+def _dequantize_last(int8: Path) -> None:
+    """The quantised file with its outputs dequantised after the final upsampler's data movement
+    (`fcnseg.export.qdq_tail`: the same numbers, the DepthToSpace and crops on uint8)."""
+    import onnx
+
+    model = onnx.load(str(int8))
+    if dequantize_outputs_last(model):
+        onnx.save(model, str(int8))
 
 
 def _pre_process(quantization: Any, fp32: Path, prepared: Path) -> Path:
