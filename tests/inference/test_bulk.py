@@ -225,15 +225,19 @@ def test_share_of_each_rank_is_disjoint_and_covers_everything(tmp_path):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.77, 1.0])
-def test_blend_equals_visualize_overlay_bit_for_bit(alpha):
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8])
+@pytest.mark.parametrize("classes", [4, 120])  # 120: a table too large for 16-bit indices
+def test_blend_equals_visualize_overlay_bit_for_bit(alpha, dtype, classes):
     from fcnseg.inference.writing import blend
     from fcnseg.visualize import overlay
 
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    ids = rng.integers(-1, 5, (37, 53))  # -1 and 4 have no colour
+    ids = rng.integers(-1 if dtype == np.int64 else 0, classes + 1, (37, 53))  # -1 and `classes` have no colour
     ids[0, :10] = 255
+    ids = ids.astype(dtype)
     colors = [(0, 0, 0), (255, 0, 0), (12, 200, 99), (1, 2, 3)]
+    colors += [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(classes - len(colors))]
     np.testing.assert_array_equal(blend(image, ids, colors, alpha, 255),
                                   overlay(image, ids, colors, alpha, ignore_index=255))
     np.testing.assert_array_equal(blend(image, ids, colors, alpha, 2), overlay(image, ids, colors, alpha, ignore_index=2))

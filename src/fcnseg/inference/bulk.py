@@ -313,7 +313,10 @@ def predictions(segmenter: Predictor, paths: Sequence[Path], options: BulkOption
         for item in group:
             item.input = None  # the writer keeps the photo for the overlay, not the model's input
         with torch.inference_mode():
-            preds = class_map(segmenter.logits(batch)).cpu().numpy()
+            logits = segmenter.logits(batch)
+            ids = class_map(logits)
+            # uint8 ids when they fit: the label PNG and the overlay's look-ups take them as they are
+            preds = (ids.to(torch.uint8) if logits.shape[1] <= 256 else ids).cpu().numpy()
         yield from zip(group, preds)
 
 

@@ -77,8 +77,14 @@ def openvino_engine(request: EngineRequest) -> Engine:
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        logits = [np.asarray(compiled(array[i:i + 1])[0], dtype=np.float32) for i in range(len(array))]
-        return torch.from_numpy(np.concatenate(logits)).to(device)
+        logits = None
+        for i in range(len(array)):
+            # share_outputs: a view of OpenVINO's output, copied once, into the batch's logits
+            result = compiled(array[i:i + 1], share_outputs=True)[0]
+            if logits is None:
+                logits = np.empty((len(array), *result.shape[1:]), dtype=np.float32)
+            logits[i] = result[0]
+        return torch.from_numpy(logits).to(device)
 
     return run
 

@@ -69,8 +69,7 @@ class ImageFiles(Dataset):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         self.paths = list(paths)
         self.masks = masks
-        self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1) if mean is not None else None
-        self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1) if std is not None else None
+        self.normalise = PixelNormaliser(mean, std) if mean is not None and std is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -83,11 +82,29 @@ class ImageFiles(Dataset):
             target, note = ground_truth(path, self.masks, image.shape[:2])
         except (FcnsegError, OSError) as err:
             return ImageItem(index, error=describe(str(path), str(err)))
-        pixels = torch.from_numpy(image)
-        model_input = None
-        if self.mean is not None:
-            model_input = (image_to_tensor(pixels.permute(2, 0, 1)) - self.mean) / self.std
-        return ImageItem(index, pixels, model_input, target, note)
+        model_input = self.normalise(image) if self.normalise is not None else None
+        return ImageItem(index, torch.from_numpy(image), model_input, target, note)
+
+
+class PixelNormaliser:
+    """uint8 ``(H, W, 3)`` photos as the model's input, float32 ``(3, H, W)``, equal bit for bit to
+    `fcnseg.inference.Segmenter.preprocess` (``(x / 255 - mean) / std``): each channel's 256 results
+    are computed once with that arithmetic and looked up per pixel, one ``np.take`` per channel
+    instead of four passes over float tensors (half the time on a 360x480 photo; bulk prediction
+    decodes beside the model on the same cores).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        mean_t = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
+        std_t = torch.tensor([float(s) for s in std]).view(3, 1, 1)
+        values = image_to_tensor(torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256))
+        self.table = ((values - mean_t) / std_t)[:, 0].contiguous().numpy()
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        out = np.empty((3, *image.shape[:2]), dtype=np.float32)
+        for channel in range(3):
+            np.take(self.table[channel], image[:, :, channel], out=out[channel])
+        return torch.from_numpy(out)
 
 
 def ground_truth(path: Path, masks: MaskSource | None, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:

@@ -88,7 +88,8 @@ def blend(image: np.ndarray, ids: np.ndarray, colors: Sequence[Sequence[int]], a
           ignore_index: int) -> np.ndarray:
     """`fcnseg.visualize.overlay`, equal to it to the last bit, by table look-up: the result for each
     (class, channel, photo value) is computed once, with overlay's float32 arithmetic, instead of
-    once per pixel (about 5 times as fast on a 360x480 photo).
+    once per pixel, and each channel is one ``np.take`` with 16-bit indices (about 3 times as fast
+    as overlay on a 360x480 photo with uint8 ids; numpy has no fused gather, hence this).
 
     Args:
         image: uint8 ``(H, W, 3)``.
@@ -97,15 +98,31 @@ def blend(image: np.ndarray, ids: np.ndarray, colors: Sequence[Sequence[int]], a
     Returns:
         uint8 ``(H, W, 3)``.
     """
+    count = len(colors)
     painted = np.asarray(colors, dtype=np.uint8).reshape(-1, 3).astype(np.float32)[:, :, None]
     values = np.arange(256, dtype=np.float32)[None, None, :]
-    table = np.empty((len(colors) + 1, 3, 256), dtype=np.uint8)
+    table = np.empty((count + 1, 3, 256), dtype=np.uint8)
     table[:-1] = np.clip(values * (1 - alpha) + painted * alpha + 0.5, 0, 255).astype(np.uint8)
     table[-1] = np.arange(256, dtype=np.uint8)  # the row of pixels left as they are
-    ids = np.asarray(ids)
-    rows = np.where((ids < 0) | (ids >= len(colors)) | (ids == ignore_index), len(colors), ids).astype(np.intp)
-    index = (rows[:, :, None] * 3 + np.arange(3)) * 256 + image
-    return table.ravel()[index]
+    index_type = np.uint16 if table.size <= 1 << 16 else np.int64
+    starts = _row_starts(np.asarray(ids), count, ignore_index, index_type)
+    flat, image = table.ravel(), np.asarray(image)
+    out = np.empty(image.shape, dtype=np.uint8)
+    for channel in range(3):
+        np.take(flat, starts + index_type(256 * channel) + image[:, :, channel], out=out[:, :, channel])
+    return out
+
+
+def _row_starts(ids: np.ndarray, count: int, ignore_index: int, index_type: type) -> np.ndarray:
+    """Each pixel's offset in `blend`'s table: its class's rows, or the unchanged row (``count``)."""
+    stride = 3 * 256
+    if ids.dtype == np.uint8:  # one look-up per pixel
+        by_id = np.full(256, count * stride, dtype=index_type)
+        kept = [i for i in range(min(count, 256)) if i != ignore_index]
+        by_id[kept] = np.asarray(kept, dtype=index_type) * index_type(stride)
+        return by_id[ids]
+    rows = np.where((ids < 0) | (ids >= count) | (ids == ignore_index), count, ids)
+    return rows.astype(index_type) * index_type(stride)
 
 
 def save_atomically(path: Path, save: Callable[[Path], object]) -> Path:
