@@ -10,6 +10,7 @@ them gives the same numbers, bit for bit.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -34,7 +35,7 @@ def dequantize_outputs_last(model: Any) -> int:
     producer = {name: node for node in graph.node for name in node.output}
     uses = Counter(name for node in graph.node for name in node.input)
     uses.update(output.name for output in graph.output)
-    sizes = {init.name: _size(init) for init in graph.initializer}
+    sizes = {init.name: math.prod(init.dims) for init in graph.initializer}
     moved = 0
     for output in graph.output:
         chain = _movement_chain(output.name, producer, uses)
@@ -79,13 +80,6 @@ def _rewire(graph: Any, dequantize: Any, chain: list[Any], output: str) -> None:
     kept = [info for info in graph.value_info if info.name not in float_names]
     del graph.value_info[:]
     graph.value_info.extend(kept)
-
-
-def _size(initializer: Any) -> int:
-    count = 1
-    for dim in initializer.dims:
-        count *= dim
-    return count
 
 
 __all__ = ["DATA_MOVEMENT_OPS", "dequantize_outputs_last"]
