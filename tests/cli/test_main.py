@@ -68,6 +68,20 @@ def test_info_lists_models_and_says_whether_the_softmax_kernel_is_used(capsys, m
     assert engine in ("openvino", "torch") and isinstance(device, torch.device)
 
 
+@pytest.mark.parametrize("installed", [True, False])
+def test_info_says_which_decoder_reads_png_photos(capsys, monkeypatch, installed):
+    from fcnseg.data import fast_png
+
+    if installed:
+        pytest.importorskip("pyspng")
+    else:
+        monkeypatch.setattr(fast_png, "pyspng", None)
+    assert main(["info", "--size", "32x32"]) == 0
+    out = capsys.readouterr().out
+    expected = "libspng (pyspng)" if installed else "Pillow (pip install 'fcnseg[fast-png]'"
+    assert f"PNG photos decoded by {expected}" in out
+
+
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_predicting_commands_share_names_and_defaults(command, capsys):
     with pytest.raises(SystemExit):

@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fcnseg.constants import IGNORE_INDEX, IMAGE_EXTENSIONS
+from fcnseg.data import fast_png
 from fcnseg.data.files import (
     above_cap_message,
     folder_entries,
@@ -175,6 +176,9 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
             mode with no RGB meaning.
     """
     if isinstance(image, (str, os.PathLike)):
+        fast = _fast_rgb(Path(image))
+        if fast is not None:
+            return fast
         decoded = open_image(image)  # its DataError names the file already
         try:
             return _pil_to_rgb(decoded)
@@ -189,6 +193,20 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return _array_to_uint8(_hwc_view(image))
     raise ValueError(f"expected an image path, PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def _fast_rgb(path: Path) -> np.ndarray | None:
+    """An upright 8-bit RGB PNG decoded by libspng (`fcnseg.data.fast_png`); None for any other
+    file, and for any problem, which `open_image` then reports."""
+    if not fast_png.available() or path.suffix.lower() != ".png":
+        return None
+    try:
+        with _open_header(path) as header:
+            if not fast_png.is_plain_rgb8(header) or _orientation(header) != 1:
+                return None
+    except (DataError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return fast_png.decode_rgb8(path)
 
 
 def image_to_tensor(image: ImageLike) -> torch.Tensor:
