@@ -15,7 +15,9 @@ interleaved round by round, so that a slow spell of a shared machine lands on bo
   once per worker count of ``--workers`` (0, 1 and 2 by default: on 2 cores a worker's decoding
   competes with the model's threads, so the best count is measured, not assumed).
 
-It prints images per second of each and the ratio of end to end to the model alone (target >= 0.85).
+It prints images per second of each and the ratio of end to end to the model alone (target >= 0.85),
+then the CPU per image of each side (this process, and the end-to-end run's reader and writer threads)
+and the bound they set: with every core busy the ratio reaches at most the model's share of the work.
 Without ``--checkpoint`` the model is the recommended CamVid model's architecture (MobileNetV2
 FCN-8s) with the ImageNet body of ../shared/data/weights and an untrained head: speed does not
 depend on the head's weights.
@@ -32,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from measuring import ThreadCPU
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -131,18 +135,33 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     warmup = time.perf_counter() - started
     workers = [int(w) for w in str(args.workers).split(",")]
     times: dict[str, list[float]] = {"model": [], **{f"workers={w}": [] for w in workers}}
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name in times}
     for _ in range(args.rounds):
-        times["model"].append(model_only(segmenter, batches))
+        with ThreadCPU() as used:
+            times["model"].append(model_only(segmenter, batches))
+        cpu["model"].append(cpu_per_image(used, len(images)))
         for w in workers:
-            seconds = end_to_end(segmenter, images, workdir / "out", w, args.overlay, args.overlay_format)
+            with ThreadCPU() as used:
+                seconds = end_to_end(segmenter, images, workdir / "out", w, args.overlay, args.overlay_format)
             times[f"workers={w}"].append(seconds)
+            cpu[f"workers={w}"].append(cpu_per_image(used, len(images)))
     rates = {name: len(images) / statistics.median(values) for name, values in times.items()}
     ratios = {name: rate / rates["model"] for name, rate in rates.items() if name != "model"}
+    cpu_ms = {name: {part: statistics.median(r[part] for r in rounds) for part in rounds[0]}
+              for name, rounds in cpu.items()}
     return {"images": len(images), "size": list(tensors[0].shape[-2:]), "batch_size": args.batch_size,
             "amp": args.amp, "dtype": str(segmenter.dtype), "backend": args.backend, "compile": args.compile,
             "overlay": args.overlay, "overlay_format": args.overlay_format,
             "workers": workers, "threads": args.threads, "rounds": args.rounds, "warmup_s": warmup,
-            "seconds": times, "images_per_s": rates, "ratios": ratios, "best_ratio": max(ratios.values())}
+            "seconds": times, "images_per_s": rates, "ratios": ratios, "best_ratio": max(ratios.values()),
+            "cpu_ms_per_image": cpu_ms}
+
+
+def cpu_per_image(used: ThreadCPU, images: int) -> dict[str, float]:
+    """Milliseconds of CPU per image: the process's, and the bulk run's reader and writer threads'."""
+    return {"process": used.process / images * 1e3,
+            "reader": used.by_name.get("fcnseg-reader", 0.0) / images * 1e3,
+            "writer": used.by_name.get("fcnseg-writer", 0.0) / images * 1e3}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -155,10 +174,21 @@ def render(result: dict[str, Any]) -> str:
         f"medians of {result['rounds']} rounds",
         f"  model only (pre-decoded tensors):      {rates['model']:7.2f} images/s",
     ]
+    cpu = result["cpu_ms_per_image"]
     for name, ratio in result["ratios"].items():
         verdict = "meets" if ratio >= TARGET else "misses"
         lines.append(f"  end to end, {name:<10} (predict_files): {rates[name]:7.2f} images/s, ratio {ratio:.3f} "
                      f"({verdict} the target {TARGET})")
+    lines.append(f"CPU per image (ms, medians): model only {cpu['model']['process']:.1f}")
+    for name in result["ratios"]:
+        used = cpu[name]
+        line = (f"  end to end, {name}: {used['process']:.1f} in this process, of which reader thread "
+                f"{used['reader']:.1f}, writer thread {used['writer']:.1f}")
+        if name == "workers=0" and used["reader"] > 0:
+            # With every core busy, the ratio can reach at most the model's share of the CPU work.
+            beside = used["reader"] + used["writer"]
+            line += f"; bound model / (model + reader + writer) = {cpu['model']['process'] / (cpu['model']['process'] + beside):.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
