@@ -101,6 +101,24 @@ def test_glob_sliding_flip(checkpoint, photos, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "gray.png")), expected)
 
 
+def test_scales_and_flip_predict_as_the_segmenter_does(checkpoint, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = _run(checkpoint, photos / "street.jpg", "--out", out, "--scales", "1", "1.5", "--flip", "--no-overlay")
+    assert status == 0, capsys.readouterr()
+    expected = Segmenter.from_checkpoint(checkpoint, device="cpu", scales=(1, 1.5), flip=True).predict(photos / "street.jpg")
+    written = np.asarray(Image.open(out / "street.png"))
+    np.testing.assert_array_equal(written, expected)
+    plain = Segmenter.from_checkpoint(checkpoint, device="cpu", flip=True).predict(photos / "street.jpg")
+    assert (plain != written).any()  # the scales were applied
+
+
+def test_a_scale_that_is_not_positive_is_a_usage_error(checkpoint, photos, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(checkpoint, photos / "street.jpg", "--out", tmp_path / "out", "--scales", "1", "0")
+    assert exit_info.value.code == 2
+    assert "--scales" in capsys.readouterr().err
+
+
 def test_repeated_stems_get_distinct_outputs(checkpoint, photos, tmp_path, capsys):
     Image.open(photos / "gray.png").convert("RGB").save(photos / "gray.jpg")
     out = tmp_path / "out"

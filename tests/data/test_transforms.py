@@ -130,3 +130,24 @@ def test_pad_collate_in_a_dataloader():
     loader = torch.utils.data.DataLoader(pairs, batch_size=3, collate_fn=pad_collate)
     images, targets = next(iter(loader))
     assert images.shape == (3, 3, 6, 7) and targets.shape == (3, 6, 7)
+
+
+def test_scaling_a_small_uint8_image_down_to_one_pixel():
+    # torch's uint8 antialiased resize fails an internal assert for a 1x1 output; hypothesis found
+    # it through train_transforms (a 4x4 image at scale 0.3125). The float path's pixel: the
+    # antialiasing filter's weighted mean, within a level of the plain mean.
+    from torchvision import tv_tensors
+
+    from fcnseg.data.transforms import RandomScale
+
+    image = torch.arange(48, dtype=torch.uint8).view(3, 4, 4) * 5
+    out = RandomScale((0.25, 0.25))(tv_tensors.Image(image))
+    assert isinstance(out, tv_tensors.Image) and out.dtype == torch.uint8 and out.shape == (3, 1, 1)
+    pixel = out.as_subclass(torch.Tensor)[:, 0, 0].float()
+    filtered = torch.nn.functional.interpolate(image.float()[None], size=(1, 1), mode="bilinear", antialias=True)
+    assert torch.equal(pixel, filtered[0, :, 0, 0].round())
+    assert (pixel - image.float().mean(dim=(1, 2))).abs().max() <= 1
+    torch.manual_seed(449)
+    mask = torch.randint(0, 3, (4, 4))
+    _, target = train_transforms(crop_size=(12, 16), scale_range=(0.25, 0.25))(image, mask)
+    assert target.shape == (12, 16)

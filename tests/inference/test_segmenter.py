@@ -168,3 +168,23 @@ def test_another_engine_computes_while_torch_is_single_threaded(model):
         assert segmenter.predict(_photo(40, 56)).shape == (40, 56) and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_scales_average_the_logits_of_the_resized_and_flipped_images(model):
+    segmenter = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", optimize=False, scales=(1, 1.5), flip=True)
+    x = segmenter.preprocess(_photo(30, 44)).unsqueeze(0)
+    expected = torch.zeros(1, len(CLASSES), 30, 44)
+    with torch.no_grad():
+        for size in ((30, 44), (45, 66)):
+            view = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            both = (model(view) + model(view.flip(-1)).flip(-1)) / 2
+            expected += torch.nn.functional.interpolate(both, size=(30, 44), mode="bilinear", align_corners=False) / 2
+    torch.testing.assert_close(segmenter.logits(x), expected, rtol=1e-4, atol=1e-4)
+    plain = Segmenter(model, CLASSES, COLORS, device="cpu", amp="none", optimize=False, flip=True)
+    assert not torch.allclose(plain.logits(x), expected, atol=1e-3)  # the scales changed something
+
+
+@pytest.mark.parametrize("scales", [(), (1.0, 0.0), (-1.0,)])
+def test_scales_must_be_positive(model, scales):
+    with pytest.raises(OptionError, match="scales must be positive numbers"):
+        Segmenter(model, CLASSES, COLORS, device="cpu", scales=scales)

@@ -42,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="redo inputs an earlier run finished, and replace files in --out that an earlier run "
                           "wrote for other inputs (or that no manifest.jsonl accounts for)")
     options.add_window_options(p)
+    options.add_scales_option(p)
     p.add_argument("--batch-size", type=options.positive_int, default=8, metavar="N",
                    help="images of equal size per forward pass in whole mode; windows per pass in sliding mode")
     p.add_argument("--workers", type=options.non_negative_int, default=0, metavar="N",
@@ -174,7 +175,8 @@ def _load_segmenter(args: argparse.Namespace, device: torch.device) -> Segmenter
     if args.mode == "sliding":
         check_window(window, args.stride)
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, mode=args.mode, window=window, stride=args.stride,
-                                          flip=args.flip, batch_size=args.batch_size, amp=args.amp,
+                                          flip=args.flip, scales=tuple(args.scales), batch_size=args.batch_size,
+                                          amp=args.amp,
                                           backend=args.backend, compile=args.compile,
                                           calibration=_calibration_images(args))
     del checkpoint  # the model holds its own copy of the weights

@@ -65,6 +65,11 @@ class RandomScale(v2.Transform):
         return {"size": [max(1, round(height * scale)), max(1, round(width * scale))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["size"] == [1, 1] and isinstance(inpt, tv_tensors.Image) and inpt.dtype == torch.uint8:
+            # torch's uint8 antialiased resize fails an internal assert for a 1x1 output (torch 2.14):
+            # the same resize in float32, rounded back.
+            pixel = F.resize(inpt.as_subclass(torch.Tensor).float(), size=[1, 1], antialias=True)
+            return tv_tensors.wrap(pixel.round().clamp(0, 255).to(torch.uint8), like=inpt)
         # For Mask inputs torchvision's resize kernel always uses nearest, whatever is asked here.
         return self._call_kernel(F.resize, inpt, size=params["size"], interpolation=v2.InterpolationMode.BILINEAR,
                                  antialias=True)

@@ -20,7 +20,16 @@ from fcnseg.constants import DEFAULT_BACKEND, IGNORE_INDEX, IMAGENET_MEAN, IMAGE
 from fcnseg.data.io import ImageLike, image_to_tensor
 from fcnseg.errors import OptionError
 from fcnseg.inference.backends import EngineRequest, make_engine
-from fcnseg.inference.windows import DEFAULT_WINDOW, MODES, Mode, Size, check_window, predict_sliding, predict_whole
+from fcnseg.inference.windows import (
+    DEFAULT_WINDOW,
+    MODES,
+    Mode,
+    Size,
+    check_window,
+    predict_scales,
+    predict_sliding,
+    predict_whole,
+)
 from fcnseg.models.checkpoint import load_checkpoint, model_from_checkpoint
 from fcnseg.models.inference_form import inference_form
 from fcnseg.models.model_folder import resolve_model_folder
@@ -41,6 +50,10 @@ class Segmenter:
         mode: "whole" (one pass per image) or "sliding" (windows averaged, see `predict_sliding`).
         window, stride: sliding-window geometry; ``stride`` None for two thirds of the window.
         flip: horizontal-flip test-time augmentation.
+        scales: multi-scale test-time augmentation: the image also predicted resized by these
+            factors, logits averaged (`predict_scales`; with ``flip``, flipped at every scale).
+            ``(1, 1.5, 2)`` with ``flip`` is what the CamVid recipe's holdout chose (docs/RESULTS.md, Q7),
+            at 12x the prediction time.
         batch_size: images (whole mode) or windows (sliding mode) per forward pass.
         amp: mixed precision, as ``--amp``: "auto" (the default) runs bf16 on CPUs that compute
             it natively (AVX-512 BF16, AMX) and on bf16-capable GPUs, fp16 on other GPUs, and
@@ -82,6 +95,7 @@ class Segmenter:
         window: Size = DEFAULT_WINDOW,
         stride: Size | None = None,
         flip: bool = False,
+        scales: Sequence[float] = (1.0,),
         batch_size: int = 8,
         amp: str = "auto",
         dtype: torch.dtype | None | EllipsisType = ...,
@@ -98,6 +112,8 @@ class Segmenter:
         if batch_size < 1:
             raise OptionError(f"batch_size must be positive, got {batch_size}")
         check_window(window, stride)  # here, not at the first image: a usage error shows at once
+        if not scales or min(scales) <= 0:
+            raise OptionError(f"scales must be positive numbers, got {list(scales)}")
         self.device = select_device(device)
         self.amp = amp
         amp_dtype = resolve_amp_dtype(amp, self.device)  # also refuses an unknown choice
@@ -116,6 +132,7 @@ class Segmenter:
         self.window = (int(window[0]), int(window[1]))
         self.stride = stride
         self.flip = flip
+        self.scales = tuple(float(scale) for scale in scales)
         self.batch_size = batch_size
         self.ignore_index = ignore_index
 
@@ -131,7 +148,7 @@ class Segmenter:
         Args:
             checkpoint: a checkpoint file, a model folder (`from_pretrained`), or a loaded checkpoint dict.
             device: as in `Segmenter`.
-            **options: ``mode``, ``window``, ``stride``, ``flip``, ``batch_size``, ``amp`` ("auto"
+            **options: ``mode``, ``window``, ``stride``, ``flip``, ``scales``, ``batch_size``, ``amp`` ("auto"
                 by default, as in `Segmenter`), ``dtype``, ``optimize``, ``backend``, ``compile``, ``calibration``.
 
         Raises:
@@ -189,10 +206,15 @@ class Segmenter:
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, C, H, W)`` of a preprocessed batch ``(N, 3, H, W)``, by this segmenter's mode."""
         with self.engine_threads():
-            if self.mode == "sliding":
-                return predict_sliding(self.engine, image, window=self.window, stride=self.stride,
-                                       batch_size=self.batch_size, flip=self.flip, dtype=self.dtype)
-            return predict_whole(self.engine, image, flip=self.flip, dtype=self.dtype)
+            if self.scales != (1.0,):
+                return predict_scales(self._logits_at_one_scale, image, self.scales)
+            return self._logits_at_one_scale(image)
+
+    def _logits_at_one_scale(self, image: torch.Tensor) -> torch.Tensor:
+        if self.mode == "sliding":
+            return predict_sliding(self.engine, image, window=self.window, stride=self.stride,
+                                   batch_size=self.batch_size, flip=self.flip, dtype=self.dtype)
+        return predict_whole(self.engine, image, flip=self.flip, dtype=self.dtype)
 
     @contextlib.contextmanager
     def engine_threads(self):
