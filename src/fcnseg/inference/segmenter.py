@@ -25,6 +25,7 @@ from fcnseg.inference.windows import (
     MODES,
     Mode,
     Size,
+    check_scales,
     check_window,
     predict_scales,
     predict_sliding,
@@ -112,8 +113,7 @@ class Segmenter:
         if batch_size < 1:
             raise OptionError(f"batch_size must be positive, got {batch_size}")
         check_window(window, stride)  # here, not at the first image: a usage error shows at once
-        if not scales or min(scales) <= 0:
-            raise OptionError(f"scales must be positive numbers, got {list(scales)}")
+        check_scales(scales)
         self.device = select_device(device)
         self.amp = amp
         amp_dtype = resolve_amp_dtype(amp, self.device)  # also refuses an unknown choice

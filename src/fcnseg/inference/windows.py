@@ -218,6 +218,16 @@ def predict_sliding(
         return total / count_map(corners, (h, w), height, width, device=total.device)
 
 
+def check_scales(scales: Sequence[float]) -> None:
+    """Refuses test-time scales that are not one or more positive factors: before any image is read.
+
+    Raises:
+        OptionError: no scale, or a scale of zero or less.
+    """
+    if not scales or min(scales) <= 0:
+        raise OptionError(f"scales must be positive numbers, got {list(scales)}")
+
+
 def predict_scales(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                    scales: Sequence[float]) -> torch.Tensor:
     """Multi-scale test-time augmentation: the image resized by each scale, predicted, its logits
@@ -232,8 +242,7 @@ def predict_scales(predict: Callable[[torch.Tensor], torch.Tensor], image: torch
     Returns:
         ``(N, C, H, W)`` float32 logits.
     """
-    if not scales or min(scales) <= 0:
-        raise OptionError(f"scales must be positive numbers, got {list(scales)}")
+    check_scales(scales)
     height, width = image.shape[-2:]
     total = None
     for scale in scales:
