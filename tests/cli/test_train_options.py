@@ -175,3 +175,18 @@ def test_train_variant_4s_runs_an_epoch_and_saves_a_4s_checkpoint(tmp_path, caps
 def test_tune_accepts_variant_4s(tmp_path, capsys):
     assert main(["tune", "--root", "r", "--variant", "4s", "--out", str(tmp_path / "study"), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["variant"] == "4s"
+
+
+def test_train_copy_paste_runs_and_an_unknown_class_is_a_usage_error(tmp_path, capsys):
+    from fcnseg.data.synthetic import make_synthetic
+
+    root = make_synthetic(tmp_path / "data", num_classes=3, n=4, size=(40, 56), seed=0, progress=False)
+    common = ["train", "--dataset", "folder", "--root", str(root), "--model", "fcn_resnet18", "--weights-backbone",
+              "none", "--epochs", "1", "--batch-size", "2", "--crop", "32x32", "--amp", "none", "--workers", "0",
+              "--no-progress"]
+    err = usage_error(capsys, [*common, "--copy-paste", "disc", "--out", str(tmp_path / "bad")])
+    assert "--copy-paste: 'disc' is not a class" in err and "striped disc" in err
+    assert main([*common, "--copy-paste", "striped disc", "--copy-paste-prob", "0.75", "--out", str(tmp_path / "run")]) == 0
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["copy_paste"] == "striped disc" and config["copy_paste_prob"] == 0.75
+    usage_error(capsys, train_args(tmp_path, "--copy-paste-prob", "1.5"))

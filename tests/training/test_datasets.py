@@ -61,3 +61,23 @@ def test_a_holdout_outside_0_1_is_refused(value):
 
     with pytest.raises(OptionError, match="holdout must be a fraction"):
         TrainConfig(holdout=value).validate()
+
+
+def test_copy_paste_pastes_training_pixels_only_and_unknown_classes_are_a_usage_error(scenes):
+    from fcnseg.data.copy_paste import CopyPaste
+    from fcnseg.errors import OptionError
+
+    config = TrainConfig(dataset="folder", root=str(scenes), holdout=0.3, workers=0, copy_paste="striped disc",
+                         copy_paste_prob=1.0, crop=(32, 32)).validate()
+    data = build_training_data(config)
+    paste = data.train.transforms
+    assert isinstance(paste, CopyPaste) and paste.classes == ["striped disc"] and paste.probability == 1.0
+    kept_with_disc = [i for i in range(len(data.raw_train)) if (data.raw_train[i][1] == 1).any()]
+    assert len(paste.cutouts) == len(kept_with_disc) >= 1  # cut from the images trained on, not the holdout
+    image, target = data.train[0]
+    assert image.shape[-2:] == target.shape == (32, 32)
+    wrong = TrainConfig(dataset="folder", root=str(scenes), holdout=0.3, workers=0, copy_paste="pole").validate()
+    with pytest.raises(OptionError, match="--copy-paste: 'pole' is not a class"):
+        build_training_data(wrong)
+    with pytest.raises(OptionError, match="copy_paste_prob"):
+        TrainConfig(copy_paste_prob=1.5).validate()

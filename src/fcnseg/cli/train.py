@@ -75,6 +75,12 @@ def _add_data_options(data: _Group) -> None:
                       help="no random scaling (the same as scale_range: none in a config file)")
     add_training_flag(data, "--hflip", help=f"random horizontal flip {_default('hflip')}")
     data.add_argument("--color-jitter", type=non_negative_float, help=f"colour jitter strength {_default('color_jitter')}")
+    data.add_argument("--copy-paste", metavar="CLASSES",
+                      help="paste the pixels of these classes (comma-separated names, e.g. Pole) from another "
+                      "training image, shifted sideways, before the random scale and crop, so that thin classes are "
+                      "seen against new backgrounds (default: off)")
+    data.add_argument("--copy-paste-prob", type=non_negative_float, metavar="P",
+                      help=f"share of training samples that get a paste, 0 to 1 {_default('copy_paste_prob')}")
     add_training_flag(data, "--drop-small", help="drop images smaller than the crop, as the chapter does "
                       "(default: False, which pads them)")
     add_training_flag(data, "--cache-images", help="decode the training images once and keep them in memory "

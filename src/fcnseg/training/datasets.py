@@ -77,7 +77,10 @@ def build_training_data(config: TrainConfig, *, train_dataset: Dataset | None = 
         raw_train = InMemoryPairs(raw_train, progress=progress)
     if config.holdout:
         raw_train, val_dataset = held_out_pairs(raw_train, config.holdout)
-    train = SeededTransformDataset(raw_train, train_transforms or _default_train_transforms(config), config.seed)
+    transforms = train_transforms or _default_train_transforms(config)
+    if config.copy_paste:
+        transforms = _with_copy_paste(config, raw_train, classes, transforms)
+    train = SeededTransformDataset(raw_train, transforms, config.seed)
     if val_dataset is None:
         val = size_source = _named_val(config, val_transforms or eval_transforms())
     else:
@@ -151,6 +154,18 @@ def _default_train_transforms(config: TrainConfig) -> PairTransform:
         hflip=config.hflip,
         color_jitter=config.color_jitter,
     )
+
+
+def _with_copy_paste(config: TrainConfig, pairs: Dataset, classes: list[str], then: PairTransform) -> PairTransform:
+    """``then`` after pasting ``config.copy_paste``'s classes from the training pairs (`fcnseg.data.copy_paste`)."""
+    from fcnseg.data.copy_paste import CopyPaste, collect_cutouts, parse_classes
+
+    class_ids = parse_classes(config.copy_paste, classes)
+    cutouts = collect_cutouts(pairs, class_ids)
+    if not cutouts:
+        raise DataError(f"--copy-paste {config.copy_paste}: no training image holds a pixel of "
+                        f"{', '.join(classes[i] for i in class_ids)}; nothing to paste")
+    return CopyPaste(cutouts, config.copy_paste_prob, then, classes=[classes[i] for i in class_ids])
 
 
 def build_test_crops(config: TrainConfig, val_dataset: Dataset | None = None) -> Dataset:
