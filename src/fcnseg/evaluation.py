@@ -81,12 +81,14 @@ class EvaluationReport:
     border: str | None = None  # how VOC's void border was read (`border_policy`); None for other datasets
     scales: tuple[float, ...] = (1.0,)  # multi-scale test-time augmentation
     holdout: float = 0.0  # the images a run trained with this holdout held out of the split; 0: the whole split
+    holdout_groups: str = ""  # with holdout: the regex that named the groups held out whole
 
     def as_dict(self) -> dict[str, Any]:
         result = self.metrics.as_dict(self.classes)
         result.update({"num_images": self.num_images, "val_loss": self.val_loss, "mode": self.mode, "flip": self.flip,
                        "scales": list(self.scales), "seconds": round(self.seconds, 2), **({"border": self.border} if self.border else {}),
                        **({"holdout": self.holdout} if self.holdout else {}),
+                       **({"holdout_groups": self.holdout_groups} if self.holdout_groups else {}),
                        "note": "void pixels excluded; classes absent from truth and prediction are null "
                                "and left out of the means"})
         return result
@@ -135,6 +137,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     border_as_background: bool | None = None,
     holdout: float = 0.0,
+    holdout_groups: str = "",
 ) -> EvaluationReport:
     """Whole-image metrics of a checkpoint on a split (void excluded), batched by image size.
 
@@ -152,6 +155,8 @@ def evaluate_checkpoint(
         holdout: evaluate only the images that ``fcnseg train --holdout F`` holds out of this split
             (`fcnseg.data.splits.holdout_split`), to score a run without reading the split it is
             reported on; 0: the whole split. ``max_images`` then takes the first of those.
+        holdout_groups: with ``holdout``, the regular expression of ``fcnseg train --holdout-groups``:
+            the held-out images are then whole groups (`fcnseg.data.splits.group_holdout_split`).
     """
     from fcnseg.data import build_dataset
     from fcnseg.data.transforms import eval_transforms
@@ -169,7 +174,7 @@ def evaluate_checkpoint(
             f"the checkpoint predicts {len(checkpoint['classes'])} classes ({', '.join(checkpoint['classes'][:4])}, ...) "
             f"but {dataset_name} at {root} has {len(dataset.classes)} ({', '.join(dataset.classes[:4])}, ...)"
         )
-    dataset = _selected(dataset, holdout, max_images)
+    dataset = _selected(dataset, holdout, max_images, holdout_groups)
     if mode == "sliding":
         window = window or tuple(checkpoint.get("config", {}).get("crop") or (320, 480))
         predict = lambda m, x: predict_sliding(m, x, window=window, stride=stride, flip=flip)  # noqa: E731
@@ -188,15 +193,18 @@ def evaluate_checkpoint(
                                      device=device, predict=predict, amp_dtype=resolve_amp_dtype(amp, device))
     return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode,
                             flip=flip, seconds=time.perf_counter() - started, border=border, scales=tuple(scales),
-                            holdout=holdout)
+                            holdout=holdout, holdout_groups=holdout_groups if holdout else "")
 
 
-def _selected(dataset: Any, holdout: float, max_images: int | None) -> Any:
+def _selected(dataset: Any, holdout: float, max_images: int | None, holdout_groups: str = "") -> Any:
     """The held-out images of ``dataset`` (all of it for ``holdout`` 0), the first ``max_images`` of them;
     one Subset of the dataset itself, so that image sizes are still read from the file headers."""
-    from fcnseg.data.splits import holdout_split
+    from fcnseg.data.splits import group_holdout_split, holdout_split, image_groups
 
-    indices = holdout_split(len(dataset), holdout)[1] if holdout else list(range(len(dataset)))
+    if holdout and holdout_groups:
+        indices = group_holdout_split(image_groups(dataset, holdout_groups), holdout)[1]
+    else:
+        indices = holdout_split(len(dataset), holdout)[1] if holdout else list(range(len(dataset)))
     if max_images:
         indices = indices[:max_images]
     return dataset if len(indices) == len(dataset) else torch.utils.data.Subset(dataset, indices)

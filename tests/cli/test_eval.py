@@ -152,6 +152,8 @@ def test_a_checkpoint_without_a_dataset_asks_for_one(tmp_path, no_evaluation, ca
     (["--mode", "sliding", "--stride", "48x48"], "stride 48x48 is larger than the window 32x32"),  # the training crop
     (["--holdout", "0.2"], "pass --split train (got --split val)"),
     (["--split", "train", "--holdout", "1"], "--holdout must be a fraction of the split, 0 < F < 1, got 1"),
+    (["--split", "train", "--holdout-groups", "^0"], "--holdout-groups chooses which images --holdout F holds out"),
+    (["--split", "train", "--holdout", "0.5", "--holdout-groups", "("], "--holdout-groups '(' is not a regular"),
 ])
 def test_mistakes_are_refused_before_the_metrics(arguments, message, data_and_checkpoint, tmp_path, no_evaluation,
                                                   capsys):
@@ -238,6 +240,37 @@ def test_eval_holdout_scores_the_images_a_holdout_run_validated_on(tmp_path, cap
     # The training run's final validation was on the same held-out images, predicted the same way.
     assert report["miou"] == pytest.approx(trained["miou"], abs=1e-9)
     assert report["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-9, nan_ok=True)
+
+
+def sequences(root: Path) -> Path:
+    """The folder dataset at ``root`` with its images renamed into two "sequences", A_ and B_ (4 and 6 images)."""
+    stems = sorted(p.stem for p in (root / "images").glob("*.png"))
+    renamed = {stem: f"{'A' if i < 4 else 'B'}_{stem}" for i, stem in enumerate(stems)}
+    for folder in ("images", "masks"):
+        for stem, name in renamed.items():
+            (root / folder / f"{stem}.png").rename(root / folder / f"{name}.png")
+    (root / "train.txt").write_text("".join(f"{name}\n" for name in renamed.values()))
+    (root / "val.txt").unlink()
+    return root
+
+
+def test_eval_holdout_takes_the_groups_the_run_held_out(tmp_path, capsys):
+    root = sequences(make_synthetic(tmp_path / "data", num_classes=3, n=10, size=(40, 56), seed=1, progress=False))
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--root", str(root), "--model", "fcn_resnet18", "--weights-backbone",
+                 "none", "--holdout", "0.3", "--holdout-groups", "^[^_]+", "--iterations", "1", "--batch-size", "2",
+                 "--crop", "32x32", "--amp", "none", "--channels-last", "false", "--workers", "0", "--no-progress",
+                 "--out", str(run)]) == 0
+    assert "validating on 4 images held out of the training split (0.3, whole groups" in capsys.readouterr().out
+    out = tmp_path / "holdout.json"
+    assert main(["eval", str(run / "last.pt"), "--split", "train", "--holdout", "0.3", "--amp", "none",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    report, trained = json.loads(out.read_text()), json.loads((run / "metrics.json").read_text())
+    assert report["num_images"] == 4 and report["holdout_groups"] == "^[^_]+"  # sequence A, the closest to 3 of 10
+    printed = capsys.readouterr().out
+    assert "holdout groups from the checkpoint's training config: --holdout-groups '^[^_]+'" in printed
+    assert "4 images held out of train (0.3, whole groups of '^[^_]+')" in printed
+    assert report["miou"] == pytest.approx(trained["miou"], abs=1e-9)
 
 
 def test_a_scale_of_zero_is_a_usage_error(capsys):

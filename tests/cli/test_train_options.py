@@ -46,6 +46,9 @@ def test_a_bad_count_or_number_names_the_option(tmp_path, capsys, option, value)
     (("--device", "gpu"), "--device gpu"),
     (("--cache-features", "2"), "--freeze-backbone"),
     (("--scale-range", "2", "1"), "MIN <= MAX"),
+    (("--holdout-groups", "^[^_]+"), "give --holdout F too"),
+    (("--holdout", "0.2", "--holdout-groups", "(["), "--holdout-groups '([' is not a regular expression"),
+    (("--copy-paste-prob", "1.5"), "copy_paste_prob (--copy-paste-prob) must be a number from 0 to 1"),
 ])
 def test_bad_values_are_refused_before_the_data_is_read(tmp_path, capsys, extra, expected):
     err = usage_error(capsys, train_args(tmp_path, *extra))
@@ -189,4 +192,3 @@ def test_train_copy_paste_runs_and_an_unknown_class_is_a_usage_error(tmp_path, c
     assert main([*common, "--copy-paste", "striped disc", "--copy-paste-prob", "0.75", "--out", str(tmp_path / "run")]) == 0
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert config["copy_paste"] == "striped disc" and config["copy_paste_prob"] == 0.75
-    usage_error(capsys, train_args(tmp_path, "--copy-paste-prob", "1.5"))

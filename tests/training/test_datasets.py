@@ -81,3 +81,25 @@ def test_copy_paste_pastes_training_pixels_only_and_unknown_classes_are_a_usage_
         build_training_data(wrong)
     with pytest.raises(OptionError, match="copy_paste_prob"):
         TrainConfig(copy_paste_prob=1.5).validate()
+
+
+def test_a_group_holdout_validates_on_whole_groups_never_trained_on(scenes):
+    from fcnseg.errors import OptionError
+
+    # the synthetic scenes are named 00000 ... 00009: one group per last digit
+    config = TrainConfig(dataset="folder", root=str(scenes), holdout=0.5, holdout_groups=r"\d$",
+                         workers=0).validate()
+    data = build_training_data(config)
+    everything = build_dataset("folder", str(scenes), "train")
+    stems = [p.stem for p in everything.image_paths]
+    groups = [stem[-1] for stem in stems]
+    held = {groups[i] for i in range(len(stems)) if any(torch.equal(everything[i][1], data.val[j][1])
+                                                        for j in range(len(data.val)))}
+    kept = {groups[i] for i in data.raw_train.indices}
+    assert held and kept and not held & kept
+    assert len(data.val) + len(data.raw_train) == len(everything)
+    with pytest.raises(OptionError, match="does not match the image"):
+        build_training_data(TrainConfig(dataset="folder", root=str(scenes), holdout=0.5, holdout_groups="^x",
+                                        workers=0).validate())
+    with pytest.raises(OptionError, match="give --holdout F too"):
+        TrainConfig(holdout_groups="^x").validate()

@@ -29,6 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", type=options.positive_float, metavar="F",
                    help="only the images `fcnseg train --holdout F` held out of --split (pass --split train): "
                         "scores a run on its holdout, without reading the split it is reported on")
+    p.add_argument("--holdout-groups", metavar="REGEX",
+                   help="with --holdout: the groups `fcnseg train --holdout-groups REGEX` held out whole "
+                        "(default: the checkpoint's training config's)")
     options.add_flag(p, "--border-as-background", help="VOC: read the void border around objects as background "
                      "(the chapter's reading) or leave it void and ignored (default: as the checkpoint's training run "
                      "read it, so a checkpoint gets the number its run reported)")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     config = _training_config(load_checkpoint(checkpoint_path))
     dataset, root = _dataset_and_root(args, config)
-    _check_holdout(args, config)
+    groups = _check_holdout(args, config)
     window = None
     if args.mode == "sliding":
         window = args.window or tuple(config.get("crop") or (320, 480))
@@ -69,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size, device=device,
                                      amp=args.amp, workers=args.workers, max_images=args.max_images,
                                      progress=args.progress, border_as_background=args.border_as_background,
-                                     holdout=args.holdout or 0.0)
+                                     holdout=args.holdout or 0.0, holdout_groups=groups)
     border = f"; {report.border}" if report.border else ""
     scales = f" + scales {' '.join(f'{s:g}' for s in args.scales)}" if tuple(args.scales) != (1.0,) else ""
-    held = f" held out of {args.split} ({args.holdout:g})" if args.holdout else ""
+    whole = f", whole groups of {groups!r}" if groups else ""
+    held = f" held out of {args.split} ({args.holdout:g}{whole})" if args.holdout else ""
     print(f"{report.num_images} images{held}, {args.mode} mode{' + flip' if args.flip else ''}{scales}{border}")
     print(format_metrics_table(report.metrics, report.classes))
     path = write_report(report, out)
@@ -86,20 +90,32 @@ def _training_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _check_holdout(args: argparse.Namespace, config: dict[str, Any]) -> None:
-    """Refuses a ``--holdout`` outside (0, 1), or of another split than the one the checkpoint trained on.
+def _check_holdout(args: argparse.Namespace, config: dict[str, Any]) -> str:
+    """Refuses a ``--holdout`` outside (0, 1), or of another split than the one the checkpoint trained on;
+    returns the ``--holdout-groups`` regex to use: the one given, else the training run's (said so), else "".
 
     Raises:
-        OptionError: naming the value and the split to pass.
+        OptionError: naming the value and the split to pass, or --holdout-groups without --holdout.
     """
     if args.holdout is None:
-        return
+        if args.holdout_groups is not None:
+            raise OptionError("--holdout-groups chooses which images --holdout F holds out; give --holdout F too")
+        return ""
     if not args.holdout < 1:
         raise OptionError(f"--holdout must be a fraction of the split, 0 < F < 1, got {args.holdout:g}")
     train_split = config.get("train_split", "train")
     if args.split != train_split:
         raise OptionError(f"--holdout selects images held out of the training split; pass --split {train_split} "
                           f"(got --split {args.split})")
+    if args.holdout_groups is not None:
+        from fcnseg.data.splits import group_pattern
+
+        group_pattern(args.holdout_groups)
+        return args.holdout_groups
+    recorded = str(config.get("holdout_groups") or "")
+    if recorded:
+        print(f"holdout groups from the checkpoint's training config: --holdout-groups {recorded!r}")
+    return recorded
 
 
 def _dataset_and_root(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, Path]:

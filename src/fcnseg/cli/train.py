@@ -68,6 +68,10 @@ def _add_data_options(data: _Group) -> None:
                       help="validate on a share F of the training split held out from training (runs of "
                       "consecutive images), not on --val-split: to choose recipes without looking at the split "
                       "you report (default: 0, off)")
+    data.add_argument("--holdout-groups", metavar="REGEX",
+                      help="hold out whole groups of images instead: the match of REGEX in each image's file name "
+                      "names its group, e.g. '^[^_]+' for CamVid's video sequences, so that no held-out frame has a "
+                      "neighbour in training (default: runs of consecutive images)")
     data.add_argument("--crop", type=size, metavar="HxW", help=f"random crop, both sides >= 32 {_default('crop')}")
     data.add_argument("--scale-range", type=positive_float, nargs=2, metavar=("MIN", "MAX"),
                       help=f"random scale range {_default('scale_range')}")

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
-from fcnseg.errors import DataError
+from fcnseg.errors import DataError, OptionError
 
 
 def read_split_file(path: str | os.PathLike) -> list[str]:
@@ -58,3 +61,85 @@ def holdout_split(count: int, fraction: float, chunks: int = 4) -> tuple[list[in
         held_out.extend(range(start, start + size))
     held_set = set(held_out)
     return [i for i in range(count) if i not in held_set], held_out
+
+
+def group_pattern(pattern: str) -> re.Pattern:
+    """``--holdout-groups``'s regular expression, compiled.
+
+    Raises:
+        OptionError: ``pattern`` is not a regular expression.
+    """
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise OptionError(f"--holdout-groups {pattern!r} is not a regular expression ({err})") from None
+
+
+def group_names(names: Sequence[str], pattern: str) -> list[str]:
+    """The group of each item name: the first match of the regular expression ``pattern`` in it (its
+    first parenthesised group, when it has one), e.g. ``^[^_]+`` names CamVid's sequences
+    (``0016E5`` of ``0016E5_08061``).
+
+    Raises:
+        OptionError: ``pattern`` is not a regular expression, or a name it does not match.
+    """
+    regex = group_pattern(pattern)
+    groups = []
+    for name in names:
+        match = regex.search(name)
+        if match is None:
+            raise OptionError(f"--holdout-groups {pattern!r} does not match the image {name!r}: every image "
+                              "name must match, and the match names its group")
+        groups.append(match.group(1) if regex.groups else match.group(0))
+    return groups
+
+
+def image_groups(dataset: object, pattern: str) -> list[str]:
+    """The group of each pair of ``dataset``, named by ``pattern`` (`group_names`) in its image's file
+    name without extension (the dataset's ``image_paths``).
+
+    Raises:
+        OptionError: the dataset has no ``image_paths``, or a name ``pattern`` does not match.
+    """
+    paths = getattr(dataset, "image_paths", None)
+    if paths is None:
+        raise OptionError(f"--holdout-groups needs image file names, and the dataset ({type(dataset).__name__}) "
+                          "has no image_paths; give it one path per pair")
+    return group_names([Path(p).stem for p in paths], pattern)
+
+
+def group_holdout_split(groups: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
+    """Indices ``(kept, held_out)`` holding out whole groups: those whose items come closest to
+    ``fraction`` of all (ties: fewer held out), at least one group held out and one kept.
+
+    For video frames: a random or run-wise holdout shares its scenes with the neighbouring frames
+    trained on (docs/RESULTS.md, "Copy-paste, probed on an unseen sequence"); a held-out sequence
+    does not. Deterministic: the same groups for every seed.
+
+    Raises:
+        DataError: fewer than two groups, or a fraction out of range.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"holdout must be a fraction between 0 and 1, got {fraction}")
+    order = sorted(set(groups))
+    if len(order) < 2:
+        raise DataError(f"a holdout of whole groups needs at least 2 groups; every image is in group {order[0]!r}"
+                        if order else "a holdout needs at least 2 training images, the split has none")
+    counts = Counter(groups)
+    sizes = [counts[name] for name in order]
+    reachable = [1]  # bit s of reachable[i]: some choice among the first i groups holds s items
+    for size in sizes:
+        reachable.append(reachable[-1] | (reachable[-1] << size))
+    total, target = len(groups), fraction * len(groups)
+    candidates = [s for s in range(1, total) if reachable[-1] >> s & 1]
+    if not candidates:  # cannot happen with >= 2 non-empty groups; kept for clarity
+        raise DataError("no set of whole groups leaves images on both sides of the holdout")
+    held_total = min(candidates, key=lambda s: (abs(s - target), s))
+    chosen, remaining = set(), held_total
+    for index in range(len(order) - 1, -1, -1):  # walk back through the reachable sums
+        if not reachable[index] >> remaining & 1:
+            chosen.add(order[index])
+            remaining -= sizes[index]
+    held = [i for i, g in enumerate(groups) if g in chosen]
+    kept = [i for i, g in enumerate(groups) if g not in chosen]
+    return kept, held

@@ -44,6 +44,7 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     holdout: float = 0.0  # validate on this share of train_split, held out from training, instead of val_split
+    holdout_groups: str = ""  # a regex naming each training image's group: the holdout is whole groups
     crop: tuple[int, int] = (320, 480)
     scale_range: tuple[float, float] | None = (0.5, 2.0)
     hflip: bool = True
@@ -305,6 +306,12 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     if not 0 <= config.holdout < 1:
         raise OptionError(f"holdout must be a fraction of the training split, 0 <= F < 1 (0: validate on "
                           f"{config.val_split!r}), got {config.holdout}")
+    if config.holdout_groups and not config.holdout:
+        raise OptionError("--holdout-groups chooses which images --holdout F holds out; give --holdout F too")
+    if config.holdout_groups:
+        from fcnseg.data.splits import group_pattern
+
+        group_pattern(config.holdout_groups)  # a bad expression is refused before any data is read
     if config.loss != "ce" and (config.d2l_metrics or config.cache_features or config.loss_reduction != "mean"):
         reason = ("the chapter's recipes train with its cross-entropy" if config.d2l_metrics else
                   "--cache-features trains the head with cross-entropy" if config.cache_features else

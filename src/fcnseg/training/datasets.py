@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from fcnseg.data.samplers import SeededTransformDataset, image_sizes
+from fcnseg.data.splits import image_groups
 from fcnseg.errors import DataError
 from fcnseg.training.config import TrainConfig
 
@@ -71,12 +72,13 @@ def build_training_data(config: TrainConfig, *, train_dataset: Dataset | None = 
 
     raw_train = train_dataset if train_dataset is not None else _named_train(config)
     classes, colors = _classes_and_colors(raw_train)
+    groups = image_groups(raw_train, config.holdout_groups) if config.holdout_groups else None
     if config.cache_images:
         from fcnseg.data.memory import InMemoryPairs
 
         raw_train = InMemoryPairs(raw_train, progress=progress)
     if config.holdout:
-        raw_train, val_dataset = held_out_pairs(raw_train, config.holdout)
+        raw_train, val_dataset = held_out_pairs(raw_train, config.holdout, groups)
     transforms = train_transforms or _default_train_transforms(config)
     if config.copy_paste:
         transforms = _with_copy_paste(config, raw_train, classes, transforms)
@@ -92,12 +94,13 @@ def build_training_data(config: TrainConfig, *, train_dataset: Dataset | None = 
     return TrainingData(raw_train, train, val, classes, colors, size_source, val_dataset)
 
 
-def held_out_pairs(pairs: Dataset, fraction: float) -> tuple[Subset, Subset]:
-    """``(kept, held_out)`` views of ``pairs`` (`fcnseg.data.splits.holdout_split`), both carrying its
-    ``classes`` and ``colors``: the training pairs of a run that validates on a holdout, and that holdout."""
-    from fcnseg.data.splits import holdout_split
+def held_out_pairs(pairs: Dataset, fraction: float, groups: list[str] | None = None) -> tuple[Subset, Subset]:
+    """``(kept, held_out)`` views of ``pairs`` (`fcnseg.data.splits.holdout_split`, or with ``groups``,
+    one group name per pair, `fcnseg.data.splits.group_holdout_split`), both carrying its ``classes``
+    and ``colors``: the training pairs of a run that validates on a holdout, and that holdout."""
+    from fcnseg.data.splits import group_holdout_split, holdout_split
 
-    kept, held = holdout_split(len(pairs), fraction)
+    kept, held = group_holdout_split(groups, fraction) if groups else holdout_split(len(pairs), fraction)
     parts = (Subset(pairs, kept), Subset(pairs, held))
     for part in parts:
         for name in ("classes", "colors"):
@@ -108,8 +111,10 @@ def held_out_pairs(pairs: Dataset, fraction: float) -> tuple[Subset, Subset]:
 
 def holdout_message(config: TrainConfig, data: TrainingData) -> str:
     """What a run with ``config.holdout`` validates and trains on, printed at its start."""
-    return (f"validating on {len(data.val)} images held out of the training split ({config.holdout:g}), not on "
-            f"{config.val_split!r}; training on {len(data.raw_train)}")
+    whole = f", whole groups of --holdout-groups {config.holdout_groups!r}" if config.holdout_groups else ""
+    return (f"validating on {len(data.val)} images held out of the training split ({config.holdout:g}{whole}), "
+            f"not on {config.val_split!r}; training on {len(data.raw_train)}")
+
 
 
 def _named_options(config: TrainConfig) -> dict[str, Any]:

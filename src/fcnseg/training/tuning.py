@@ -263,7 +263,7 @@ def write_best_config(base: TrainConfig, params: dict[str, Any], path: str | Pat
     all of the training split.
     """
     # A recipe chosen on a holdout is then trained on the whole training split (and reported on val).
-    values = dataclasses.replace(base, **params, holdout=0.0).to_plain_dict()
+    values = dataclasses.replace(base, **params, holdout=0.0, holdout_groups="").to_plain_dict()
     for key in ("out", "resume", "overwrite", "extra"):
         values.pop(key, None)
     path = Path(path)
@@ -277,7 +277,8 @@ def write_best_config(base: TrainConfig, params: dict[str, Any], path: str | Pat
 def _scored_on(config: TrainConfig) -> str:
     """What the trials were scored on, for best.yaml's header."""
     if config.holdout:
-        return f"holdout ({config.holdout:g} of {config.train_split!r}, not trained on)"
+        whole = f", whole groups of {config.holdout_groups!r}" if config.holdout_groups else ""
+        return f"holdout ({config.holdout:g} of {config.train_split!r}{whole}, not trained on)"
     return f"{config.val_split!r}"
 
 
