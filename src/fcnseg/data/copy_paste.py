@@ -43,7 +43,7 @@ def parse_classes(text: str, classes: Sequence[str]) -> list[int]:
     unknown = [name for name in names if name not in classes]
     if unknown:
         raise OptionError(f"--copy-paste: {', '.join(map(repr, unknown))} is not a class of this dataset; "
-                        f"its classes are {', '.join(classes)}")
+                          f"its classes are {', '.join(classes)}")
     return sorted({list(classes).index(name) for name in names})
 
 
