@@ -176,22 +176,26 @@ def test_a_running_search_is_refused_a_stale_lock_taken_over_and_overwrite_start
     assert (out / "notes.txt").read_text() == "mine" and (out / "trial_000" / "metrics.json").exists()
 
 
-def test_a_holdout_scores_trials_without_reading_val_and_best_yaml_trains_on_all_of_train(scenes, tmp_path, capsys):
+@pytest.mark.parametrize("groups", [(), ("--holdout-groups", r"\d$")])  # runs of images, or whole groups
+def test_a_holdout_scores_trials_without_reading_val_and_best_yaml_trains_on_all_of_train(scenes, tmp_path, capsys,
+                                                                                          groups):
     import shutil
 
     root = tmp_path / "data"
     shutil.copytree(scenes, root)
     (root / "val.txt").write_text("no_such_image\n")  # any read of the val split would fail the trial
     out = tmp_path / "tune"
-    assert main(tune_args(root, out, 2, "--holdout", "0.4")) == 0
+    assert main(tune_args(root, out, 2, "--holdout", "0.4", *groups)) == 0
     printed = capsys.readouterr().out
+    whole = ", whole groups of '\\\\d$'" if groups else ""  # repr doubles the backslash
     assert "validating on 2 images held out of the training split" in printed
-    assert "best: trial" in printed and "holdout (0.4 of train) mIoU" in printed
+    assert "best: trial" in printed and f"holdout (0.4 of train{whole}) mIoU" in printed
     records = json.loads((out / "trials.json").read_text())
     assert [r["state"] for r in records] == ["complete"] * 2
     for number in (0, 1):
         trial_config = resolve_config({}, str(out / f"trial_{number:03d}" / "config.yaml"))
         assert trial_config.holdout == pytest.approx(0.4)
     text = (out / "best.yaml").read_text()
-    assert "holdout (0.4 of 'train', not trained on) mIoU" in text
-    assert resolve_config({}, str(out / "best.yaml")).holdout == 0.0
+    assert f"holdout (0.4 of 'train'{whole}, not trained on) mIoU" in text
+    best = resolve_config({}, str(out / "best.yaml"))
+    assert best.holdout == 0.0 and best.holdout_groups == ""

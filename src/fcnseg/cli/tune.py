@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no trial of {result.study_path} completed; nothing written to best.yaml")
         return 1
     params = ", ".join(f"{k}={'x'.join(map(str, v)) if k == 'crop' else v}" for k, v in result.best_params.items())
-    scored_on = f"holdout ({base.holdout:g} of {base.train_split})" if base.holdout else "val"
+    whole = f", whole groups of {base.holdout_groups!r}" if base.holdout_groups else ""
+    scored_on = f"holdout ({base.holdout:g} of {base.train_split}{whole})" if base.holdout else "val"
     print(f"best: trial {result.best_number}, {scored_on} mIoU {result.best_miou:.4f} ({params})")
     print(f"wrote {result.best_yaml} and {result.out_dir / 'trials.json'}; "
           f"train it with: fcnseg train --config {result.best_yaml} --out runs/best")
