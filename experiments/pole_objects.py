@@ -11,7 +11,7 @@ upright, so a pole is one such run. (A connected-components labelling would do t
 scipy is not a dependency of fcnseg, and this one-dimensional form needs only numpy.) An object
 continues the previous frame's object of the same sequence whose columns it overlaps within
 ``--tolerance`` pixels. Linking assumes frames close in time: in val (15 fps) an object is one
-pole; in train (1 fps) frames are too far apart to link, and every object stands alone.
+pole; in train (1 fps) a pole moves far between frames, so a link there means little.
 
     python experiments/pole_objects.py --split val
     python experiments/pole_objects.py --split val --checkpoint runs/<run>/last.pt --scales 1 1.5 2 --flip \
@@ -29,6 +29,9 @@ import numpy as np
 from repo_paths import shared_data_dir
 
 from fcnseg.data import build_dataset
+from fcnseg.data.splits import group_names
+
+SEQUENCE = "^[^_]+"  # CamVid's sequence of a file name: 0016E5 of 0016E5_08061.png (--holdout-groups)
 
 
 @dataclass
@@ -52,11 +55,6 @@ def column_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
-def sequence_of(name: str) -> str:
-    """CamVid's sequence of a file name: ``0016E5`` of ``0016E5_08061.png``."""
-    return name.split("_")[0]
-
-
 def follow(masks: list[tuple[str, np.ndarray]], tolerance: int,
            predictions: list[np.ndarray] | None = None) -> list[Track]:
     """The class's objects (boolean masks, in frame order) linked through consecutive frames.
@@ -71,9 +69,9 @@ def follow(masks: list[tuple[str, np.ndarray]], tolerance: int,
     """
     tracks: list[Track] = []
     previous: list[tuple[tuple[int, int], Track]] = []
-    previous_sequence = None
-    for index, (name, mask) in enumerate(masks):
-        if sequence_of(name) != previous_sequence:
+    sequences = group_names([Path(name).stem for name, _ in masks], SEQUENCE)
+    for index, (_, mask) in enumerate(masks):
+        if index and sequences[index] != sequences[index - 1]:
             previous = []
         current = []
         for start, stop in column_runs(mask):
@@ -88,7 +86,7 @@ def follow(masks: list[tuple[str, np.ndarray]], tolerance: int,
             if predictions is not None:
                 track.found += int((region & predictions[index][:, start:stop]).sum())
             current.append(((start, stop), track))
-        previous, previous_sequence = current, sequence_of(name)
+        previous = current
     return sorted(tracks, key=lambda t: -t.pixels)
 
 

@@ -103,3 +103,22 @@ def test_a_group_holdout_validates_on_whole_groups_never_trained_on(scenes):
                                         workers=0).validate())
     with pytest.raises(OptionError, match="give --holdout F too"):
         TrainConfig(holdout_groups="^x").validate()
+
+
+def test_copy_paste_of_a_class_no_training_image_holds_is_refused():
+    from fcnseg.errors import DataError
+
+    class Pairs(torch.utils.data.Dataset):
+        classes = ["a", "b", "c"]
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            target = torch.zeros(40, 56, dtype=torch.int64)
+            target[:, :10] = 1  # classes a and b only, never c
+            return torch.zeros(3, 40, 56, dtype=torch.uint8), target
+
+    config = TrainConfig(dataset="folder", holdout=0.5, workers=0, copy_paste="c", crop=(32, 32)).validate()
+    with pytest.raises(DataError, match="--copy-paste c: no training image holds a pixel of c; nothing to paste"):
+        build_training_data(config, train_dataset=Pairs())

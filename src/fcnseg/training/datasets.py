@@ -116,7 +116,6 @@ def holdout_message(config: TrainConfig, data: TrainingData) -> str:
             f"not on {config.val_split!r}; training on {len(data.raw_train)}")
 
 
-
 def _named_options(config: TrainConfig) -> dict[str, Any]:
     _require_root(config)
     options: dict[str, Any] = {}
