@@ -154,7 +154,8 @@ def evaluate_checkpoint(
             as the checkpoint's training run read it (`border_policy`), said in the report's ``border``.
         holdout: evaluate only the images that ``fcnseg train --holdout F`` holds out of this split
             (`fcnseg.data.splits.holdout_split`), to score a run without reading the split it is
-            reported on; 0: the whole split. ``max_images`` then takes the first of those.
+            reported on; 0: the whole split. ``max_images`` then takes the first of those. The split
+            is listed as the run listed it (without the images smaller than its crop, if it dropped them).
         holdout_groups: with ``holdout``, the regular expression of ``fcnseg train --holdout-groups``:
             the held-out images are then whole groups (`fcnseg.data.splits.group_holdout_split`).
     """
@@ -167,6 +168,7 @@ def evaluate_checkpoint(
     model = inference_form(model_from_checkpoint(checkpoint), copy_model=False).to(device)
     as_background, border = border_policy(checkpoint, dataset_name, border_as_background)
     options = {"border_as_background": True} if as_background else {}
+    options.update(_training_listing(checkpoint, holdout))
     dataset = build_dataset(dataset_name, root, split, transforms=eval_transforms(mean=tuple(checkpoint["mean"]),
                             std=tuple(checkpoint["std"])), **options)
     if list(dataset.classes) != list(checkpoint["classes"]):
@@ -194,6 +196,15 @@ def evaluate_checkpoint(
     return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode,
                             flip=flip, seconds=time.perf_counter() - started, border=border, scales=tuple(scales),
                             holdout=holdout, holdout_groups=holdout_groups if holdout else "")
+
+
+def _training_listing(checkpoint: dict[str, Any], holdout: float) -> dict[str, Any]:
+    """With a holdout, the dataset options that list the split as the training run listed it: a run
+    with ``--drop-small`` took its holdout from the images at least as large as its crop."""
+    config = checkpoint.get("config") or {}
+    if holdout and config.get("drop_small") and config.get("crop"):
+        return {"drop_smaller_than": tuple(config["crop"])}
+    return {}
 
 
 def _selected(dataset: Any, holdout: float, max_images: int | None, holdout_groups: str = "") -> Any:

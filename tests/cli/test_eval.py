@@ -242,6 +242,32 @@ def test_eval_holdout_scores_the_images_a_holdout_run_validated_on(tmp_path, cap
     assert report["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-9, nan_ok=True)
 
 
+def test_eval_holdout_lists_the_split_as_a_drop_small_run_did(tmp_path, capsys):
+    from PIL import Image
+
+    from fcnseg.data.splits import holdout_split
+
+    root = make_synthetic(tmp_path / "data", num_classes=3, n=10, size=(40, 56), seed=1, progress=False)
+    stems = (root / "train.txt").read_text().split()
+    for stem in stems[1:7:2]:  # three images smaller than the crop, among the first of the split
+        for folder, resample in (("images", Image.BILINEAR), ("masks", Image.NEAREST)):
+            path = root / folder / f"{stem}.png"
+            Image.open(path).resize((24, 24), resample).save(path)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--root", str(root), "--model", "fcn_resnet18", "--weights-backbone",
+                 "none", "--holdout", "0.4", "--drop-small", "--iterations", "1", "--batch-size", "2",
+                 "--crop", "32x32", "--amp", "none", "--channels-last", "false", "--workers", "0", "--no-progress",
+                 "--out", str(run)]) == 0
+    out = tmp_path / "holdout.json"
+    assert main(["eval", str(run / "last.pt"), "--split", "train", "--holdout", "0.4", "--amp", "none",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    report, trained = json.loads(out.read_text()), json.loads((run / "metrics.json").read_text())
+    listed = build_dataset("folder", root, "train", drop_smaller_than=(32, 32))
+    assert len(listed) == len(stems) - 3 and report["num_images"] == len(holdout_split(len(listed), 0.4)[1])
+    assert report["miou"] == pytest.approx(trained["miou"], abs=1e-9)
+    assert report["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-9, nan_ok=True)
+
+
 def sequences(root: Path) -> Path:
     """The folder dataset at ``root`` with its images renamed into two "sequences", A_ and B_ (4 and 6 images)."""
     stems = sorted(p.stem for p in (root / "images").glob("*.png"))
