@@ -86,6 +86,28 @@ def test_small_images_are_padded_with_mean_colour_and_void():
     assert out[:, pad].abs().max() < 0.5 / 255 / min(IMAGENET_STD) + 1e-6
 
 
+@pytest.mark.parametrize("strength", [0.0, 0.4])
+def test_color_jitter_scales_a_grey_image_by_a_factor_within_its_strength(strength):
+    # A uniform grey image is unchanged by contrast and saturation, so jitter can only scale its
+    # brightness: every pixel by one factor b in [1 - S, 1 + S] (up to torchvision's uint8 rounding:
+    # a few units, as its grey level of (v, v, v) is 0.9999 v).
+    value = 150
+    image, mask = torch.full((3, 8, 8), value, dtype=torch.uint8), torch.zeros(8, 8, dtype=torch.int64)
+    transforms = train_transforms(crop_size=(8, 8), scale_range=None, hflip=False, color_jitter=strength)
+    factors = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out, _ = transforms(image, mask)
+        pixels = torch.round(out * STD * 255 + MEAN * 255)  # the uint8 values before normalisation
+        assert torch.all(pixels == pixels[0, 0, 0])
+        factors.append(pixels[0, 0, 0].item() / value)
+    assert min(factors) >= 1 - strength - 3 / value and max(factors) <= 1 + strength + 3 / value
+    if strength:
+        assert max(factors) - min(factors) > strength  # drawn anew for each sample, over the range
+    else:
+        assert set(factors) == {1.0}  # no jitter step at all
+
+
 def test_eval_transforms_only_normalise():
     image, mask = random_pair(7, 9)
     out, target = eval_transforms()(image, mask)

@@ -78,7 +78,9 @@ def _add_data_options(data: _Group) -> None:
     data.add_argument("--no-scale", dest="scale_range", action="store_const", const="none",
                       help="no random scaling (the same as scale_range: none in a config file)")
     add_training_flag(data, "--hflip", help=f"random horizontal flip {_default('hflip')}")
-    data.add_argument("--color-jitter", type=non_negative_float, help=f"colour jitter strength {_default('color_jitter')}")
+    data.add_argument("--color-jitter", type=non_negative_float, metavar="S",
+                      help="scale each crop's brightness, contrast and saturation by random factors in [1-S, 1+S] "
+                      f"(0: off) {_default('color_jitter')}")
     data.add_argument("--copy-paste", metavar="CLASSES",
                       help="paste the pixels of these classes (comma-separated names, e.g. Pole) from another "
                       "training image, shifted sideways, before the random scale and crop, so that thin classes are "
