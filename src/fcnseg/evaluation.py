@@ -160,6 +160,7 @@ def evaluate_checkpoint(
             the held-out images are then whole groups (`fcnseg.data.splits.group_holdout_split`).
     """
     from fcnseg.data import build_dataset
+    from fcnseg.data.splits import training_listing
     from fcnseg.data.transforms import eval_transforms
     from fcnseg.inference.windows import predict_scales, predict_sliding, predict_whole
 
@@ -168,7 +169,9 @@ def evaluate_checkpoint(
     model = inference_form(model_from_checkpoint(checkpoint), copy_model=False).to(device)
     as_background, border = border_policy(checkpoint, dataset_name, border_as_background)
     options = {"border_as_background": True} if as_background else {}
-    options.update(_training_listing(checkpoint, holdout))
+    if holdout:  # the holdout is taken from the split as the training run listed it
+        config = checkpoint.get("config") or {}
+        options.update(training_listing(bool(config.get("drop_small")), config.get("crop")))
     dataset = build_dataset(dataset_name, root, split, transforms=eval_transforms(mean=tuple(checkpoint["mean"]),
                             std=tuple(checkpoint["std"])), **options)
     if list(dataset.classes) != list(checkpoint["classes"]):
@@ -196,15 +199,6 @@ def evaluate_checkpoint(
     return EvaluationReport(metrics, matrix, list(checkpoint["classes"]), len(dataset), loss, mode,
                             flip=flip, seconds=time.perf_counter() - started, border=border, scales=tuple(scales),
                             holdout=holdout, holdout_groups=holdout_groups if holdout else "")
-
-
-def _training_listing(checkpoint: dict[str, Any], holdout: float) -> dict[str, Any]:
-    """With a holdout, the dataset options that list the split as the training run listed it: a run
-    with ``--drop-small`` took its holdout from the images at least as large as its crop."""
-    config = checkpoint.get("config") or {}
-    if holdout and config.get("drop_small") and config.get("crop"):
-        return {"drop_smaller_than": tuple(config["crop"])}
-    return {}
 
 
 def _selected(dataset: Any, holdout: float, max_images: int | None, holdout_groups: str = "") -> Any:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcnseg.data.splits import group_holdout_split, group_names, holdout_split, read_split_file
+from fcnseg.data.splits import group_holdout_split, group_names, holdout_split, read_split_file, training_listing
 from fcnseg.errors import DataError, OptionError
 
 
@@ -99,3 +99,8 @@ def test_camvids_sequences_and_a_single_group():
         group_holdout_split(["a"] * 5, 0.2)
     with pytest.raises(DataError, match="between 0 and 1"):
         group_holdout_split(groups, 1.0)
+
+
+def test_a_drop_small_run_lists_only_images_at_least_its_crop():
+    assert training_listing(True, [320, 480]) == {"drop_smaller_than": (320, 480)}
+    assert training_listing(False, [320, 480]) == {} and training_listing(True, None) == {}

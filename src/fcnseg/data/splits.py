@@ -5,7 +5,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from fcnseg.errors import DataError, OptionError
 
@@ -143,3 +143,10 @@ def group_holdout_split(groups: Sequence[str], fraction: float) -> tuple[list[in
     held = [i for i, g in enumerate(groups) if g in chosen]
     kept = [i for i, g in enumerate(groups) if g not in chosen]
     return kept, held
+
+
+def training_listing(drop_small: bool, crop: Sequence[int] | None) -> dict[str, Any]:
+    """The dataset options with which a training run lists its training split: with ``--drop-small``,
+    only the images at least as large as its crop. A holdout is taken from that list, so `fcnseg eval
+    --holdout` must list the split the same way."""
+    return {"drop_smaller_than": tuple(crop)} if drop_small and crop else {}

@@ -126,10 +126,9 @@ def _named_options(config: TrainConfig) -> dict[str, Any]:
 
 def _named_train(config: TrainConfig) -> Dataset:
     from fcnseg.data import build_dataset
+    from fcnseg.data.splits import training_listing
 
-    options = _named_options(config)
-    if config.drop_small:
-        options["drop_smaller_than"] = tuple(config.crop)
+    options = {**_named_options(config), **training_listing(config.drop_small, config.crop)}
     return build_dataset(config.dataset, config.root, config.train_split, transforms=None, **options)
 
 
