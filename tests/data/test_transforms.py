@@ -1,6 +1,7 @@
 """Paired transforms and collation: shapes, nearest-only masks, alignment, padding with 255."""
 from __future__ import annotations
 
+import colorsys
 import pickle
 
 import pytest
@@ -106,6 +107,32 @@ def test_color_jitter_scales_a_grey_image_by_a_factor_within_its_strength(streng
         assert max(factors) - min(factors) > strength  # drawn anew for each sample, over the range
     else:
         assert set(factors) == {1.0}  # no jitter step at all
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.1])
+def test_hue_jitter_turns_a_colour_within_its_strength_and_keeps_its_value(strength):
+    # One colour, so only the hue moves (brightness, contrast and saturation jitter are off): each
+    # sample's hue is the photo's shifted by h in [-H, H] turns, its HSV value and saturation kept
+    # (up to uint8 rounding), and h is drawn anew for each sample.
+    rgb = (200, 60, 40)
+    image = torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8).contiguous()
+    mask = torch.zeros(8, 8, dtype=torch.int64)
+    transforms = train_transforms(crop_size=(8, 8), scale_range=None, hflip=False, hue_jitter=strength)
+    hue, saturation, value = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    shifts = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out, _ = transforms(image, mask)
+        pixels = torch.round(out * STD * 255 + MEAN * 255)
+        assert torch.all(pixels == pixels[:, :1, :1])
+        h, s, v = colorsys.rgb_to_hsv(*(pixels[:, 0, 0] / 255).tolist())
+        assert abs(v - value) <= 1.5 / 255 and abs(s - saturation) <= 0.02
+        shifts.append((h - hue + 0.5) % 1 - 0.5)  # the shift in turns, in [-0.5, 0.5)
+    assert max(abs(x) for x in shifts) <= strength + 0.01
+    if strength:
+        assert max(shifts) - min(shifts) > strength  # drawn anew for each sample, over the range
+    else:
+        assert max(abs(x) for x in shifts) < 0.005
 
 
 def test_eval_transforms_only_normalise():

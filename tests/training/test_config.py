@@ -110,6 +110,7 @@ def test_a_bad_yaml_value_is_refused_naming_the_file_and_the_key(tmp_path, text,
     ("eval_every", 0, ">= 1"), ("save_every", 0, ">= 1"), ("checkpoint_every", -1, ">= 0"),
     ("max_val_images", 0, ">= 1"), ("crop", (16, 480), ">= 32"), ("scale_range", (2.0, 0.5), "MIN <= MAX"),
     ("cache_features", -1, ">= 0"), ("amp", "fp8", "auto, bf16, fp16, none"), ("copy_paste_prob", 1.5, "from 0 to 1"),
+    ("hue_jitter", 0.6, "from 0 to 0.5"), ("hue_jitter", -0.1, "from 0 to 0.5"),
     ("model", "fcn_vgg16", "fcn_resnet18, fcn_resnet34, fcn_resnet50, fcn_mobilenet_v2"),
 ])
 def test_values_out_of_range_are_refused_naming_the_option(key, value, what):

@@ -81,6 +81,9 @@ def _add_data_options(data: _Group) -> None:
     data.add_argument("--color-jitter", type=non_negative_float, metavar="S",
                       help="scale each crop's brightness, contrast and saturation by random factors in [1-S, 1+S] "
                       f"(0: off) {_default('color_jitter')}")
+    data.add_argument("--hue-jitter", type=non_negative_float, metavar="H",
+                      help="shift each crop's hue by a random amount in [-H, H] turns of the colour wheel, H at most "
+                      f"0.5 (0: off) {_default('hue_jitter')}")
     data.add_argument("--copy-paste", metavar="CLASSES",
                       help="paste the pixels of these classes (comma-separated names, e.g. Pole) from another "
                       "training image, shifted sideways, before the random scale and crop, so that thin classes are "

@@ -129,6 +129,7 @@ def train_transforms(
     scale_range: tuple[float, float] | None = (0.5, 2.0),
     hflip: bool = True,
     color_jitter: float = 0.0,
+    hue_jitter: float = 0.0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> PairedTransform:
@@ -142,6 +143,8 @@ def train_transforms(
         scale_range: (low, high) resize factors drawn uniformly; None keeps the original size.
         hflip: flip left-right with probability 0.5.
         color_jitter: strength of brightness, contrast and saturation jitter; 0 disables it.
+        hue_jitter: hue shift drawn from [-hue_jitter, hue_jitter] turns of the colour wheel (at most
+            0.5); 0 disables it.
         mean, std: normalisation (ImageNet statistics by default, as the pretrained backbones expect).
 
     Returns:
@@ -154,9 +157,10 @@ def train_transforms(
     steps += [PadToSize(crop_size, image_fill=mean_colour), v2.RandomCrop(crop_size)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip(p=0.5))
-    if color_jitter:
+    if color_jitter or hue_jitter:
         # After the crop: jitter costs per pixel, and only the cropped pixels are kept.
-        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter,
+                                    hue=hue_jitter))
     return PairedTransform(*steps, *_to_normalized(mean, std))
 
 

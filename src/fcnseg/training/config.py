@@ -49,6 +49,7 @@ class TrainConfig:
     scale_range: tuple[float, float] | None = (0.5, 2.0)
     hflip: bool = True
     color_jitter: float = 0.0
+    hue_jitter: float = 0.0  # hue shifts in [-h, h] turns of the colour wheel
     copy_paste: str = ""  # comma-separated class names pasted from other training images (fcnseg.data.copy_paste)
     copy_paste_prob: float = 0.5  # the share of training samples that get a paste
     drop_small: bool = False  # the chapter drops images smaller than the crop; we pad them
@@ -238,6 +239,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "momentum": _at_least(0, "a number >= 0"),
     "weight_decay": _at_least(0, "a number >= 0"),
     "color_jitter": _at_least(0, "a number >= 0"),
+    "hue_jitter": ((lambda v: 0 <= v <= 0.5), "a number from 0 to 0.5 (turns of the colour wheel)"),
     "copy_paste_prob": ((lambda v: 0 <= v <= 1), "a number from 0 to 1"),
     "warmup_iters": _at_least(0, "a whole number >= 0"),
     "cache_features": _at_least(0, "a whole number >= 0 (0: off)"),

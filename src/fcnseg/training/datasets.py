@@ -156,6 +156,7 @@ def _default_train_transforms(config: TrainConfig) -> PairTransform:
         scale_range=tuple(config.scale_range) if config.scale_range else None,
         hflip=config.hflip,
         color_jitter=config.color_jitter,
+        hue_jitter=config.hue_jitter,
     )
 
 
