@@ -160,7 +160,27 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     status = main(tiny_args(tiny_scenes, out, "--epochs", "2", "--resume"))
     assert status == 1 and len(calls) == 2  # a failure at run time, not a usage error (fcnseg.errors)
     err = capsys.readouterr().err
-    assert "loss is nan" in err and "last good checkpoint" in err
+    assert "loss is nan" in err and "last good checkpoint" in err and "--resume" in err and "--lr" in err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_non_finite_batchnorm_statistics_are_not_saved_as_a_good_checkpoint(tiny_scenes, tmp_path, monkeypatch,
+                                                                           capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_scenes, out, "--epochs", "1")) == 0
+    before = (out / "last.pt").read_bytes()
+    import fcnseg.training.loss
+
+    real_loss = fcnseg.training.loss.fcn_cross_entropy
+
+    def corrupting_loss(model, *args, **kwargs):  # the loss stays finite; one BatchNorm's statistics do not
+        norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        norm.running_var[0] = float("inf")
+        return real_loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(fcnseg.training.loss, "fcn_cross_entropy", corrupting_loss)
+    assert main(tiny_args(tiny_scenes, out, "--epochs", "2", "--resume")) == 1
+    assert "BatchNorm statistics became NaN or infinite" in capsys.readouterr().err
     assert (out / "last.pt").read_bytes() == before
 
 

@@ -66,9 +66,11 @@ def train_step(
                     logits = model(image)
                 loss = segmentation_loss(logits, target, class_weights=class_weights, reduction=loss_reduction)
             if not torch.isfinite(loss):
+                amp = str(amp_dtype).removeprefix("torch.")
+                amp_hint = f" or train without {amp} mixed precision (--amp none)" if amp_dtype else ""
                 raise TrainingDiverged(
-                    f"loss is {loss.item()}; stopping (lower the learning rate or disable fp16 AMP); "
-                    "the last good checkpoint is kept"
+                    f"loss is {loss.item()}; stopping before this step's update. The last good checkpoint "
+                    f"is kept: --resume continues from it; if the loss diverges again, lower --lr{amp_hint}"
                 )
             scaled = loss / len(micro_batches)
             if scaler is not None:

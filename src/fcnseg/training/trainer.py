@@ -375,8 +375,10 @@ class Trainer:
 
     def save(self, path: Path, metrics: dict[str, Any] | None = None) -> None:
         """Writes a resumable checkpoint (atomically), unless the weights are no longer finite."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise TrainingDiverged("weights became NaN or infinite; stopping without overwriting the last good checkpoint")
+        state = [*self.model.parameters(), *(b for b in self.model.buffers() if b.is_floating_point())]
+        if not all(torch.isfinite(t).all() for t in state):  # BatchNorm statistics too: eval reads them
+            raise TrainingDiverged("weights or BatchNorm statistics became NaN or infinite; stopping without "
+                                   "overwriting the last good checkpoint (--resume continues from it)")
         checkpoint = make_checkpoint(
             self.model, classes=self.data.classes, colors=self.data.colors, ignore_index=IGNORE_INDEX,
             mean=IMAGENET_MEAN, std=IMAGENET_STD, config=self.config.to_plain_dict(),
