@@ -16,10 +16,30 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
 from torch import nn
 
 import fcnseg.training.trainer as trainer_module
 from fcnseg.cli import main as fcnseg_main
+
+
+class DilatedDepthwiseConv2d(nn.Conv2d):
+    """A dilated depthwise Conv2d (same parameters) run on contiguous (NCHW) tensors.
+
+    torch 2.14.1's CPU kernel for a dilated depthwise convolution in bf16 on channels-last tensors
+    returns a wrong weight gradient (relative error above 1, sometimes 1e33: the NaN losses of the
+    first full-budget run); the contiguous layout's is right (runs/session24/dw_check.py).
+    """
+
+    def __init__(self, conv: nn.Conv2d, rate: int) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, rate, rate,
+                         conv.groups, conv.bias is not None, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        y = super().forward(x.contiguous())
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 def dilate_stage(stage: nn.Module, rate: int = 2) -> int:
@@ -40,7 +60,7 @@ def dilate_stage(stage: nn.Module, rate: int = 2) -> int:
                 conv.weight, conv.bias = child.weight, child.bias
                 setattr(parent, name, conv)
             else:
-                child.dilation, child.padding = (rate, rate), (rate, rate)
+                setattr(parent, name, DilatedDepthwiseConv2d(child, rate))
             changed += 1
     return changed
 

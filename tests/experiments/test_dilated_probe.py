@@ -11,7 +11,7 @@ from fcnseg import build_model
 from tests.conftest import REPO_ROOT  # noqa: E402  (importlib mode: tests is a namespace)
 
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
-from dilated_probe import dilate_stage, with_stride16  # noqa: E402
+from dilated_probe import DilatedDepthwiseConv2d, dilate_stage, with_stride16  # noqa: E402
 
 
 def test_dilated_stage_at_even_positions_is_the_plain_stage():
@@ -51,3 +51,24 @@ def test_stride16_model_keeps_the_input_size_and_the_parameters():
         logits = model(torch.randn(1, 3, 70, 90))
     assert features[-1].shape[-2:] == features[-2].shape[-2:] == (4, 6)  # stride 16, as c16
     assert logits.shape == (1, 5, 70, 90)
+
+
+def test_dilated_depthwise_gradients_are_right_in_bf16_channels_last():
+    """torch 2.14.1's own kernel gets this weight gradient wrong on CPU; the probe's layer must not."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+    layer = DilatedDepthwiseConv2d(conv, 2)
+    x = torch.randn(4, 64, 24, 30).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(4, 64, 24, 30).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.backward(grad.to(out.dtype))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    x64 = x.detach().bfloat16().double().requires_grad_()
+    w64 = layer.weight.detach().bfloat16().double().requires_grad_()
+    reference = torch.nn.functional.conv2d(x64, w64, None, 1, 2, 2, 64)
+    reference.backward(grad.bfloat16().double())
+    torch.testing.assert_close(out.double(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+    scale = w64.grad.abs().max().item()
+    torch.testing.assert_close(layer.weight.grad.double(), w64.grad, rtol=2e-2, atol=2e-2 * scale)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=2e-2 * x64.grad.abs().max().item())
