@@ -12,7 +12,7 @@ from torch import nn
 
 from fcnseg.ops.loss import segmentation_loss
 from fcnseg.training.loss import fcn_cross_entropy
-from fcnseg.training.step import StepResult, TrainingDiverged, train_step
+from fcnseg.training.step import StepResult, TrainingDiverged, ensure_finite_state, loss_diverged, train_step
 from tests.conftest import tiny_fcn
 
 CPU = torch.device("cpu")
@@ -111,6 +111,28 @@ def test_a_non_finite_loss_raises_and_does_not_step(bad, where):
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
     assert optimizer.state_dict()["state"] == {}  # no momentum buffer: the step was never taken
+
+
+def test_the_diverged_loss_message_says_what_to_try_for_the_precision_used():
+    plain = str(loss_diverged(float("nan")))
+    mixed = str(loss_diverged(float("inf"), torch.bfloat16))
+    assert plain.startswith("loss is nan") and "--resume" in plain and "--lr" in plain and "--amp" not in plain
+    assert mixed.startswith("loss is inf") and "bfloat16 mixed precision (--amp none)" in mixed
+
+
+def test_non_finite_weights_or_batchnorm_statistics_are_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    ensure_finite_state(model)  # a fresh model passes
+    model[1].running_var[2] = float("nan")
+    with pytest.raises(TrainingDiverged, match="BatchNorm statistics"):
+        ensure_finite_state(model)
+    model[1].running_var.fill_(1.0)
+    model[1].num_batches_tracked.fill_(3)  # an integer buffer is not a statistic to check
+    ensure_finite_state(model)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="NaN or infinite"):
+        ensure_finite_state(model)
 
 
 def test_compute_loss_replaces_the_default_loss():

@@ -35,7 +35,7 @@ from fcnseg.training.config import TrainConfig
 from fcnseg.training.d2l_metrics import per_example_loss
 from fcnseg.training.distributed import cleanup_distributed, setup_distributed
 from fcnseg.training.rng import rng_state
-from fcnseg.training.step import StepResult, TrainingDiverged
+from fcnseg.training.step import StepResult, ensure_finite_state, loss_diverged
 from fcnseg.training.trainer import Trainer, TrainResult
 
 
@@ -116,8 +116,7 @@ class JaxTrainer(Trainer):
                                       target.numpy().astype(np.int32))
             loss = float(out.loss)
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss}; stopping (lower the learning rate); "
-                                       "the last good checkpoint is kept")
+                raise loss_diverged(loss)
             self.batch_stats = out.batch_stats
             grads = out.grads if grads is None else jax.tree_util.tree_map(jnp.add, grads, out.grads)
             self.chapter.train_tally.correct += float(out.correct)
@@ -146,8 +145,7 @@ class JaxTrainer(Trainer):
     def save(self, path: Path, metrics: dict[str, Any] | None = None) -> None:
         """A standard fcnseg checkpoint of the synchronised PyTorch FCN, plus the JAX optimiser's state."""
         self.sync_torch_model()
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise TrainingDiverged("weights became NaN or infinite; stopping without overwriting the last good checkpoint")
+        ensure_finite_state(self.model)
         checkpoint = make_checkpoint(
             self.model, classes=self.data.classes, colors=self.data.colors, ignore_index=IGNORE_INDEX,
             mean=IMAGENET_MEAN, std=IMAGENET_STD, config=self.config.to_plain_dict(),

@@ -14,7 +14,27 @@ from fcnseg.runtime import autocast_context
 
 
 class TrainingDiverged(FcnsegError):
-    """The loss became NaN or infinite."""
+    """The loss, the weights or the BatchNorm statistics became NaN or infinite."""
+
+
+def loss_diverged(loss: float, amp_dtype: torch.dtype | None = None) -> TrainingDiverged:
+    """The error for a NaN or infinite loss, for every backend: what is kept and what to try next."""
+    amp_hint = (f" or train without {str(amp_dtype).removeprefix('torch.')} mixed precision (--amp none)"
+                if amp_dtype else "")
+    return TrainingDiverged(f"loss is {loss}; stopping before this step's update. The last good checkpoint is "
+                            f"kept: --resume continues from it; if the loss diverges again, lower --lr{amp_hint}")
+
+
+def ensure_finite_state(model: nn.Module) -> None:
+    """Raises `TrainingDiverged` unless every parameter and floating buffer of ``model`` is finite.
+
+    Buffers too: BatchNorm's running statistics can overflow while the loss stays finite (batch
+    statistics in training), and evaluation reads them.
+    """
+    state = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    if not all(torch.isfinite(t).all() for t in state):
+        raise TrainingDiverged("weights or BatchNorm statistics became NaN or infinite; stopping without "
+                               "overwriting the last good checkpoint (--resume continues from it)")
 
 
 @dataclass
@@ -66,12 +86,7 @@ def train_step(
                     logits = model(image)
                 loss = segmentation_loss(logits, target, class_weights=class_weights, reduction=loss_reduction)
             if not torch.isfinite(loss):
-                amp = str(amp_dtype).removeprefix("torch.")
-                amp_hint = f" or train without {amp} mixed precision (--amp none)" if amp_dtype else ""
-                raise TrainingDiverged(
-                    f"loss is {loss.item()}; stopping before this step's update. The last good checkpoint "
-                    f"is kept: --resume continues from it; if the loss diverges again, lower --lr{amp_hint}"
-                )
+                raise loss_diverged(loss.item(), amp_dtype)
             scaled = loss / len(micro_batches)
             if scaler is not None:
                 scaler.scale(scaled).backward()

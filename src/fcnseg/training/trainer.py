@@ -47,7 +47,7 @@ from fcnseg.training.rng import rng_state, seed_everything, set_rng_state
 from fcnseg.training.run_dir import claim_run_folder
 from fcnseg.training.run_log import RunLog
 from fcnseg.training.state import RunState
-from fcnseg.training.step import StepResult, TrainingDiverged, train_step
+from fcnseg.training.step import StepResult, ensure_finite_state, train_step
 
 
 @dataclass
@@ -374,11 +374,8 @@ class Trainer:
                 "miou": metrics.miou, "fwiou": metrics.fwiou}
 
     def save(self, path: Path, metrics: dict[str, Any] | None = None) -> None:
-        """Writes a resumable checkpoint (atomically), unless the weights are no longer finite."""
-        state = [*self.model.parameters(), *(b for b in self.model.buffers() if b.is_floating_point())]
-        if not all(torch.isfinite(t).all() for t in state):  # BatchNorm statistics too: eval reads them
-            raise TrainingDiverged("weights or BatchNorm statistics became NaN or infinite; stopping without "
-                                   "overwriting the last good checkpoint (--resume continues from it)")
+        """Writes a resumable checkpoint (atomically), unless the weights or BatchNorm statistics are not finite."""
+        ensure_finite_state(self.model)
         checkpoint = make_checkpoint(
             self.model, classes=self.data.classes, colors=self.data.colors, ignore_index=IGNORE_INDEX,
             mean=IMAGENET_MEAN, std=IMAGENET_STD, config=self.config.to_plain_dict(),
